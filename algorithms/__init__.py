@@ -1,0 +1,3 @@
+"""Composer algorithms of streaming-mads (the AgentConsole arrives here)."""
+
+__all__: list[str] = []

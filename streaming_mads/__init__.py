@@ -1,0 +1,15 @@
+"""streaming-mads: online multi-agent collaborative data selection for Streaming and Composer."""
+
+from streaming_mads.agents import (Agent, BinnedAgent, CategoricalAgent, DomainAgent, QualityAgent,
+                                   TopicAgent, build_agent)
+from streaming_mads.board import VersionTimeoutError, WeightBoard, Weights
+from streaming_mads.dataset import MADSDataset
+from streaming_mads.labels import LabelError, categorical, score, write_labels
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'MADSDataset', 'Agent', 'BinnedAgent', 'CategoricalAgent', 'QualityAgent', 'DomainAgent',
+    'TopicAgent', 'build_agent', 'WeightBoard', 'Weights', 'VersionTimeoutError', 'LabelError',
+    'categorical', 'score', 'write_labels'
+]

@@ -1,0 +1,268 @@
+"""Agents: each selection method maps a sample's label to one of its values and keeps a memory.
+
+An agent is the paper's unit of data-selection knowledge. It reads one sidecar label column,
+turns the raw value into a *label value* id (a category, or the bin of a continuous score) and
+holds a **memory**: one positive weight per label value. Its score of a sample is the
+standardised log of the weight of the sample's value (see :mod:`streaming_mads.selection`).
+
+The dataset uses agents to label candidates (vectorised, once per pool); the console updates
+their memories from rewards. Adding a selection method is adding an agent over a new column::
+
+    agents:
+      - {name: perplexity, column: ppl_score, bins: [10, 20, 40, 80]}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+from streaming_mads.labels import CATEGORICAL, SCORE, LabelError, LabelStore
+
+__all__ = [
+    'Agent', 'CategoricalAgent', 'BinnedAgent', 'QualityAgent', 'DomainAgent', 'TopicAgent',
+    'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped'
+]
+
+#: Default quality bin edges: five bins over a 0-5 score, as the paper's quality agent.
+DEFAULT_QUALITY_EDGES = (1.0, 2.0, 3.0, 4.0)
+
+
+def multiplicative_update(weights: NDArray, mean_rewards: NDArray, lr: float, floor: float,
+                          cap: float) -> NDArray[np.float64]:
+    """Multiplicative-weights step on a memory, renormalised to mean 1 and clipped.
+
+    ``w_k <- clip(w_k · exp(lr · r̄_k))``, in log space so extreme rewards cannot overflow.
+    Values with no reward this round (``NaN`` in ``mean_rewards``) keep their weight relative to
+    the others. Bounding the *normalised* weights to ``[floor, cap]`` (relative to the mean)
+    keeps every value selectable and no value dominant, whatever the rewards.
+
+    Args:
+        weights (NDArray): Current positive weights.
+        mean_rewards (NDArray): Mean standardised reward per value; ``NaN`` where unmeasured.
+        lr (float): Learning rate ``η``.
+        floor (float): Smallest weight relative to the mean weight (e.g. ``0.05``).
+        cap (float): Largest weight relative to the mean weight (e.g. ``20``).
+    """
+    if not 0 < floor <= 1 <= cap:
+        raise ValueError(f'Memory bounds need 0 < floor <= 1 <= cap, got floor={floor}, cap={cap}.')
+    logw = np.log(np.asarray(weights, np.float64))
+    r = np.asarray(mean_rewards, np.float64)
+    seen = np.isfinite(r)
+    logw[seen] += lr * r[seen]
+    # Relative weights below floor/cap end at the floor anyway: bounding them avoids underflow.
+    logw = np.maximum(logw - logw.max(), np.log(floor / cap) - 1.0)
+    return normalize_clipped(np.exp(logw), floor, cap)
+
+
+def normalize_clipped(w: NDArray, floor: float, cap: float) -> NDArray[np.float64]:
+    """Scale ``w`` by ``c`` and clip to ``[floor, cap]`` so that the result has mean 1.
+
+    ``mean(clip(c·w))`` grows monotonically with ``c``, so ``c`` is found by bisection (on
+    ``log c``); the result keeps the order of ``w`` and respects both bounds exactly.
+    """
+    w = np.asarray(w, np.float64)
+    lo, hi = np.log(floor / w.max()), np.log(cap / w.min())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.clip(np.exp(mid) * w, floor, cap).mean() < 1.0:
+            lo = mid
+        else:
+            hi = mid
+    return np.clip(np.exp(0.5 * (lo + hi)) * w, floor, cap)
+
+
+class Agent:
+    """A selection method over one label column.
+
+    Args:
+        name (str): Unique agent name (used in logs and checkpoints).
+        column (str): Sidecar label column it reads.
+    """
+
+    kind: str = ''
+
+    def __init__(self, name: str, column: str) -> None:
+        if not name:
+            raise ValueError('An agent needs a non-empty `name`.')
+        self.name = name
+        self.column = column
+        self.value_names: tuple[str, ...] = ()
+        self.freq: NDArray[np.int64] = np.zeros(0, np.int64)
+        self.memory: NDArray[np.float64] = np.zeros(0)
+
+    @property
+    def num_values(self) -> int:
+        """Number of label values (memory size)."""
+        return len(self.value_names)
+
+    def bind(self, store: LabelStore) -> None:
+        """Learn label values and their frequencies from the dataset's labels; reset memory."""
+        raise NotImplementedError
+
+    def label_ids(self, raw: NDArray) -> NDArray[np.int64]:
+        """Label value id of each raw column value (vectorised)."""
+        raise NotImplementedError
+
+    def _check_kind(self, store: LabelStore) -> Any:
+        info = store.info(self.column)
+        if info.kind != self.kind:
+            hint = ('give it `bins`' if info.kind == SCORE else 'drop its `bins`')
+            raise LabelError(f'Agent {self.name!r} expects a {self.kind} column but {self.column!r} '
+                             f'is {info.kind}: {hint}.')
+        return info
+
+    def _reset(self, value_names: Sequence[str], freq: NDArray) -> None:
+        self.value_names = tuple(value_names)
+        self.freq = np.asarray(freq, np.int64)
+        self.memory = np.ones(len(self.value_names), np.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Memory and the label values it refers to (checked on load)."""
+        return {'name': self.name, 'values': list(self.value_names), 'memory': self.memory.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a memory saved by :meth:`state_dict` for the same label values."""
+        if list(state['values']) != list(self.value_names):
+            raise ValueError(f'Agent {self.name!r}: checkpoint has label values {state["values"]} '
+                             f'but the data has {list(self.value_names)}.')
+        self.memory = np.asarray(state['memory'], np.float64)
+
+    def config(self) -> dict[str, Any]:
+        """The spec that rebuilds this agent with :func:`build_agent`."""
+        return {'name': self.name, 'column': self.column}
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.config()})'
+
+
+class CategoricalAgent(Agent):
+    """An agent over a categorical column (one label value per category)."""
+
+    kind = CATEGORICAL
+
+    def bind(self, store: LabelStore) -> None:
+        info = self._check_kind(store)
+        self._reset(info.values, info.counts)
+
+    def label_ids(self, raw: NDArray) -> NDArray[np.int64]:
+        return np.asarray(raw, np.int64)
+
+
+class BinnedAgent(Agent):
+    """An agent over a continuous score, cut into bins at ``edges``.
+
+    Args:
+        name (str): Agent name.
+        column (str): Score column.
+        edges (Sequence[float]): Increasing inner bin edges; ``n`` edges give ``n + 1`` bins,
+            bin ``i`` holding ``edges[i-1] <= x < edges[i]``.
+    """
+
+    kind = SCORE
+
+    def __init__(self, name: str, column: str, edges: Sequence[float]) -> None:
+        super().__init__(name, column)
+        self.edges = np.asarray(edges, np.float64)
+        if self.edges.ndim != 1 or len(self.edges) < 1 or np.any(np.diff(self.edges) <= 0):
+            raise ValueError(f'Agent {name!r}: `bins` must be a non-empty increasing list of edges, '
+                             f'got {list(edges)}.')
+
+    def bind(self, store: LabelStore) -> None:
+        self._check_kind(store)
+        e = [f'{x:g}' for x in self.edges]
+        names = [f'<{e[0]}'] + [f'[{a},{b})' for a, b in zip(e[:-1], e[1:])] + [f'>={e[-1]}']
+        self._reset(names, store.binned_counts(self.column, self.edges))
+
+    def label_ids(self, raw: NDArray) -> NDArray[np.int64]:
+        return np.searchsorted(self.edges, raw, side='right').astype(np.int64)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), 'bins': self.edges.tolist()}
+
+
+class QualityAgent(BinnedAgent):
+    """The paper's quality agent: bins of a 0-5 quality score (column ``quality``)."""
+
+    def __init__(self, name: str = 'quality', column: str = 'quality',
+                 edges: Sequence[float] = DEFAULT_QUALITY_EDGES) -> None:
+        super().__init__(name, column, edges)
+
+
+class DomainAgent(CategoricalAgent):
+    """The paper's domain agent: the data source (column ``domain``)."""
+
+    def __init__(self, name: str = 'domain', column: str = 'domain') -> None:
+        super().__init__(name, column)
+
+
+class TopicAgent(CategoricalAgent):
+    """The paper's topic agent: topic clusters (column ``topic``)."""
+
+    def __init__(self, name: str = 'topic', column: str = 'topic') -> None:
+        super().__init__(name, column)
+
+
+_PRESETS = {'quality': QualityAgent, 'domain': DomainAgent, 'topic': TopicAgent}
+
+AgentSpec = Union[Agent, str, Mapping[str, Any]]
+
+
+def build_agent(spec: AgentSpec) -> Agent:
+    """An agent from a preset name (``'quality'``, ``'domain'``, ``'topic'``), a dict, or itself.
+
+    Dict keys: ``name``; ``column`` (defaults to ``name``); ``bins`` (edges, for a score column;
+    omitted for a categorical one); or ``type`` naming a preset whose defaults the other keys
+    override.
+    """
+    if isinstance(spec, Agent):
+        return spec
+    if isinstance(spec, str):
+        if spec not in _PRESETS:
+            raise ValueError(f'Unknown agent preset {spec!r}: use one of {sorted(_PRESETS)} or a '
+                             'dict {name, column, bins}.')
+        return _PRESETS[spec]()
+    spec = dict(spec)
+    unknown = set(spec) - {'name', 'column', 'bins', 'type'}
+    if unknown:
+        raise ValueError(f'Agent spec {spec} has unknown keys {sorted(unknown)}: use name, column, '
+                         'bins, type.')
+    kind: Optional[str] = spec.pop('type', None)
+    if kind is not None and kind not in _PRESETS:
+        raise ValueError(f'Unknown agent type {kind!r}: use one of {sorted(_PRESETS)}.')
+    name = spec.get('name') or kind
+    if not name:
+        raise ValueError(f'Agent spec {spec} needs a `name` (or a `type`).')
+    column = spec.get('column') or (_PRESETS[kind]().column if kind else name)
+    bins = spec.get('bins')
+    if kind == 'quality' or (kind is None and bins is not None):
+        return BinnedAgent(name, column, bins if bins is not None else DEFAULT_QUALITY_EDGES)
+    if bins is not None:
+        raise ValueError(f'Agent {name!r} of type {kind!r} is categorical and takes no `bins`.')
+    return CategoricalAgent(name, column)
+
+
+def build_agents(specs: Optional[Sequence[AgentSpec]], store: LabelStore,
+                 available: Sequence[str]) -> list[Agent]:
+    """Agents from specs (default: a preset per label column present), bound to the labels.
+
+    Args:
+        specs (Sequence[AgentSpec], optional): Agent specs; ``None`` picks every preset whose
+            column exists in the labels of every stream.
+        store (LabelStore): The dataset's labels.
+        available (Sequence[str]): Columns present in every stream.
+    """
+    if specs is None:
+        specs = [name for name, cls in _PRESETS.items() if cls().column in available]
+        if not specs:
+            raise LabelError(f'No default agent applies: the labels have columns {list(available)} '
+                             'but none of quality/domain/topic. Pass `agents=[...]` naming them.')
+    agents = [build_agent(s) for s in specs]
+    names = [a.name for a in agents]
+    if len(set(names)) != len(names) or not agents:
+        raise ValueError(f'Agent names must be unique and non-empty, got {names}.')
+    for agent in agents:
+        agent.bind(store)
+    return agents

@@ -1,0 +1,256 @@
+"""The weight board: versioned weight tables in shared memory, from a rank to its DataLoader workers.
+
+The console (in a rank's main process) publishes each new **version** of the agents' memories and
+θ; the dataset's DataLoader workers (separate processes, forked or spawned, persistent or not)
+read the version that governs the batch they are about to build. Shared memory is the one channel
+every worker of the rank sees without a round trip through the trainer.
+
+Layout (all 8-byte words): a header, the memory size of each agent, then a ring of ``capacity``
+slots. A slot holds ``[version, θ (A values), memories (Σ sizes values)]``. There is one writer
+per board, which marks a slot invalid, fills it, then stamps its version and finally raises the
+``latest`` counter; readers copy a slot and check its stamp before and after the copy, so a read
+never mixes two versions.
+
+The schedule (DESIGN section 5): version ``v`` governs global batches ``[v·W, (v+1)·W)``;
+``W = 0`` means no console is attached and version 0 governs everything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+from streaming.base.shared.memory import SharedMemory
+
+__all__ = ['Weights', 'WeightBoard', 'VersionTimeoutError', 'VersionEvictedError']
+
+_MAGIC = 0x4D414453  # 'MADS'
+_HEADER = 8  # magic, agents, capacity, interval, lead, latest, slot words, generation
+_I_MAGIC, _I_AGENTS, _I_CAPACITY, _I_INTERVAL, _I_LEAD, _I_LATEST, _I_SLOT, _I_GEN = range(8)
+_TICK = 0.002
+
+
+class VersionTimeoutError(TimeoutError):
+    """A worker waited too long for a weight version that was never published."""
+
+
+class VersionEvictedError(RuntimeError):
+    """A worker asked for a weight version already overwritten on the board's ring."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One published version of the weights.
+
+    Args:
+        version (int): Version number.
+        theta (NDArray): Collaborative weight per agent (sums to 1).
+        memories (tuple[NDArray, ...]): Each agent's memory, in agent order.
+    """
+    version: int
+    theta: NDArray[np.float64]
+    memories: tuple[NDArray[np.float64], ...]
+
+    def __eq__(self, other: Any) -> bool:
+        return (isinstance(other, Weights) and self.version == other.version and
+                np.array_equal(self.theta, other.theta) and len(self.memories) == len(other.memories)
+                and all(np.array_equal(a, b) for a, b in zip(self.memories, other.memories)))
+
+
+class WeightBoard:
+    """Versioned weights of one rank in per-node shared memory.
+
+    Create it in the rank's main process (``create=True``, done by :class:`MADSDataset`); it
+    pickles by name and attaches lazily in worker processes.
+
+    Args:
+        name (str): Shared memory name (unique per dataset and rank on the node).
+        agent_sizes (Sequence[int]): Number of label values of each agent.
+        capacity (int): Versions kept on the ring. Must cover the versions in flight between the
+            slowest worker and the newest publication (a few suffice; default 16).
+        create (bool): Create (and reset) the segment instead of attaching to it.
+    """
+
+    def __init__(self, name: str, agent_sizes: Sequence[int], capacity: int = 16,
+                 create: bool = False) -> None:
+        if capacity < 2:
+            raise ValueError(f'Board capacity must be at least 2, got {capacity}.')
+        self.name = name
+        self.agent_sizes = tuple(int(n) for n in agent_sizes)
+        self.capacity = int(capacity)
+        self._slot_words = 1 + len(self.agent_sizes) + sum(self.agent_sizes)
+        self._size = 8 * (_HEADER + len(self.agent_sizes) + self.capacity * self._slot_words)
+        self._shm: Optional[SharedMemory] = None
+        self._owner_pid = os.getpid() if create else -1
+        if create:
+            try:
+                self._shm = SharedMemory(name=name, create=True, size=self._size)
+            except FileExistsError:
+                # Left by a destroyed dataset that held the same Streaming prefix: replace it.
+                SharedMemory(name=name, create=False, auto_cleanup=False).shm.unlink()
+                self._shm = SharedMemory(name=name, create=True, size=self._size)
+            self.reset()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state['_shm'] = None  # Workers attach by name.
+        return state
+
+    def _words(self) -> NDArray[np.int64]:
+        if self._shm is None:
+            try:
+                self._shm = SharedMemory(name=self.name, create=False, size=self._size,
+                                         auto_cleanup=False)
+            except FileNotFoundError as err:
+                raise RuntimeError(f'Weight board {self.name} does not exist: the MADSDataset '
+                                   'that created it was destroyed before its workers ran.') from err
+        return np.ndarray(self._size // 8, np.int64, buffer=self._shm.buf)
+
+    def _floats(self) -> NDArray[np.float64]:
+        return self._words().view(np.float64)
+
+    def _slot_start(self, version: int) -> int:
+        return _HEADER + len(self.agent_sizes) + (version % self.capacity) * self._slot_words
+
+    def reset(self) -> None:
+        """Forget every version and the schedule (no console attached: ``W = 0``)."""
+        w = self._words()
+        w[:] = 0
+        w[_I_MAGIC], w[_I_AGENTS], w[_I_CAPACITY] = _MAGIC, len(self.agent_sizes), self.capacity
+        w[_I_LATEST], w[_I_SLOT] = -1, self._slot_words
+        w[_HEADER:_HEADER + len(self.agent_sizes)] = self.agent_sizes
+        for v in range(self.capacity):
+            w[self._slot_start(v)] = -1
+
+    # -- schedule --------------------------------------------------------------------------
+
+    def configure(self, update_interval: int, lead: int) -> None:
+        """Set the schedule: version ``v`` governs batches ``[v·W, (v+1)·W)``.
+
+        Args:
+            update_interval (int): ``W``, batches per version (0: static version 0).
+            lead (int): ``L``, batches before its first batch that a version is published; only
+                recorded here so errors can name it.
+        """
+        if update_interval < 0 or lead < 0:
+            raise ValueError('update_interval and lead must be non-negative.')
+        w = self._words()
+        w[_I_INTERVAL], w[_I_LEAD] = update_interval, lead
+
+    @property
+    def update_interval(self) -> int:
+        """``W`` (0 when no console is attached)."""
+        return int(self._words()[_I_INTERVAL])
+
+    @property
+    def lead(self) -> int:
+        """``L`` as configured by the console."""
+        return int(self._words()[_I_LEAD])
+
+    @property
+    def latest(self) -> int:
+        """Newest published version, ``-1`` if none."""
+        return int(self._words()[_I_LATEST])
+
+    def version_for_batch(self, batch: int) -> int:
+        """The version that governs global batch ``batch``."""
+        interval = self.update_interval
+        return batch // interval if interval > 0 else 0
+
+    # -- versions --------------------------------------------------------------------------
+
+    def publish(self, version: int, theta: NDArray, memories: Sequence[NDArray]) -> None:
+        """Publish ``version`` (single writer: the rank's main process).
+
+        Args:
+            version (int): Version number (``>= 0``).
+            theta (NDArray): Collaborative weights, one per agent.
+            memories (Sequence[NDArray]): Each agent's memory, sized as ``agent_sizes``.
+        """
+        theta = np.asarray(theta, np.float64)
+        if version < 0 or theta.shape != (len(self.agent_sizes),) or \
+                tuple(len(m) for m in memories) != self.agent_sizes:
+            raise ValueError(f'Weights do not fit the board: version {version}, theta '
+                             f'{theta.shape}, memories {[len(m) for m in memories]} vs agents '
+                             f'{self.agent_sizes}.')
+        words, floats = self._words(), self._floats()
+        start = self._slot_start(version)
+        words[start] = -1
+        payload = np.concatenate([theta] + [np.asarray(m, np.float64) for m in memories])
+        floats[start + 1:start + self._slot_words] = payload
+        words[start] = version
+        if version > words[_I_LATEST]:
+            words[_I_LATEST] = version
+
+    def read(self, version: int) -> Optional[Weights]:
+        """The weights of ``version``, or ``None`` if not published yet.
+
+        Raises:
+            VersionEvictedError: The version was overwritten by a newer one on the ring.
+        """
+        words, floats = self._words(), self._floats()
+        start = self._slot_start(version)
+        for _ in range(1000):
+            stamp = int(words[start])
+            if stamp == version:
+                payload = floats[start + 1:start + self._slot_words].copy()
+                if int(words[start]) == version:
+                    return self._unpack(version, payload)
+                continue  # Rewritten while copying: retry.
+            if stamp > version or (stamp == -1 and int(words[_I_LATEST]) >= version + self.capacity):
+                raise VersionEvictedError(
+                    f'Weight version {version} was overwritten on the board (capacity '
+                    f'{self.capacity}, newest {self.latest}): raise `board_capacity`.')
+            if stamp == -1 and int(words[_I_LATEST]) >= version:
+                time.sleep(_TICK)  # Being written right now.
+                continue
+            return None
+        return None
+
+    def _unpack(self, version: int, payload: NDArray) -> Weights:
+        a = len(self.agent_sizes)
+        bounds = np.cumsum((a,) + self.agent_sizes)
+        memories = tuple(payload[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
+        return Weights(version, payload[:a], memories)
+
+    def wait_for(self, version: int, timeout: float, batch: Optional[int] = None) -> Weights:
+        """Block until ``version`` is published, then return it; never substitutes another.
+
+        Args:
+            version (int): The version needed.
+            timeout (float): Seconds to wait before failing.
+            batch (int, optional): The global batch that needs it (for the error message).
+
+        Raises:
+            VersionTimeoutError: Not published within ``timeout``; the message names the lead.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            weights = self.read(version)
+            if weights is not None:
+                return weights
+            if time.monotonic() >= deadline:
+                where = f' for global batch {batch}' if batch is not None else ''
+                raise VersionTimeoutError(
+                    f'A DataLoader worker waited {timeout:g}s for weight version {version}{where}, '
+                    f'but the newest published is {self.latest} (update interval '
+                    f'{self.update_interval}, lead {self.lead}). Workers prefetch ahead of the '
+                    f'trainer: the console\'s `lead` must exceed num_workers x prefetch_factor '
+                    f'batches, so raise `lead` (or lower prefetch), or raise the dataset\'s '
+                    f'`version_timeout` if updates are just slow.')
+            time.sleep(_TICK)
+
+    def cleanup(self) -> None:
+        """Release the segment (the creator unlinks it)."""
+        if self._shm is not None:
+            if os.getpid() == self._owner_pid:
+                self._shm.cleanup()
+            else:  # A forked worker inherited the creator's handle: close, never unlink.
+                self._shm.shm.close()
+            self._shm = None

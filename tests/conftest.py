@@ -1,0 +1,49 @@
+"""Shared fixtures: real MDS shards (zstd, Streaming's MDSWriter) with real sidecar labels."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import pytest
+from streaming import MDSWriter
+
+from streaming_mads.labels import categorical, score, write_labels
+
+DOMAINS = ('books', 'code', 'news', 'web')
+
+
+def write_stream(out: str, ids: Sequence[int], seq_len: int = 8, size_limit: int = 1 << 12) -> str:
+    """MDS shards of samples ``{'id', 'tokens'}`` (tokens derived from the id), zstd-compressed."""
+    columns = {'id': 'int', 'tokens': 'ndarray:int32'}
+    with MDSWriter(out=out, columns=columns, compression='zstd', size_limit=size_limit) as w:
+        for i in ids:
+            w.write({'id': int(i), 'tokens': (np.arange(seq_len, dtype=np.int32) + i) % 97})
+    return out
+
+
+def label_arrays(ids: np.ndarray) -> dict:
+    """Deterministic labels of global sample ids: domain, quality (0-5) and topic."""
+    ids = np.asarray(ids)
+    domain = ids % len(DOMAINS)
+    quality = ((ids * 7919) % 1000) / 200.0  # Spread over [0, 5).
+    topic = (ids // 3) % 3
+    return {'domain': domain, 'quality': quality, 'topic': topic}
+
+
+def write_labelled_stream(out: str, ids: Sequence[int], **kwargs) -> str:
+    write_stream(out, ids, **kwargs)
+    lab = label_arrays(np.asarray(ids))
+    write_labels(out, {
+        'domain': categorical(lab['domain'], DOMAINS),
+        'quality': score(lab['quality']),
+        'topic': categorical(lab['topic'], ('t0', 't1', 't2')),
+    })
+    return out
+
+
+@pytest.fixture
+def mds_dir(tmp_path) -> str:
+    """One labelled stream of 600 samples in several shards."""
+    return write_labelled_stream(os.path.join(tmp_path, 'data'), range(600))

@@ -1,0 +1,262 @@
+"""``mads label`` / ``mads inspect``: sidecar labels of converted (and foreign) MDS datasets."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from streaming_mads import labeling
+from streaming_mads.cli import main
+from streaming_mads.convert import convert
+from streaming_mads.labeling import LabelingError, discover_streams, label_dataset
+from streaming_mads.labels import LabelError, LabelStore, StreamLabels
+
+SPACE = 'planet star orbit galaxy telescope comet nebula astronomer moon solar'.split()
+FOOD = 'recipe oven flour butter sugar bake dough kitchen pastry sauce'.split()
+
+
+VERBS = ('watched', 'found', 'described', 'measured', 'noticed', 'studied', 'named', 'loved',
+         'compared', 'remembered', 'prepared', 'shared', 'mixed', 'carried', 'opened', 'kept')
+FUNCTION = ('the', 'a', 'of', 'and', 'with', 'in', 'that', 'for', 'on', 'her', 'his', 'their',
+            'every', 'one', 'some', 'this', 'near', 'after')
+
+
+def _doc(rng, vocab, sentences=5):
+    """Varied English-like prose about ``vocab`` (no repeated templates, so no n-gram spam)."""
+    out = []
+    for _ in range(sentences):
+        words = []
+        for _ in range(int(rng.integers(3, 5))):
+            words += [str(rng.choice(FUNCTION)), str(rng.choice(vocab)), str(rng.choice(VERBS))]
+        words.append(str(rng.choice(vocab)))
+        out.append(' '.join(words).capitalize() + '.')
+    return ' '.join(out)
+
+
+def write_corpus(root, n=16):
+    """Two prose domains on different topics (jsonl, a directory) and a boilerplate domain."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / 'science.jsonl', 'w') as f:
+        for i in range(n):
+            f.write(json.dumps({'text': _doc(rng, SPACE), 'kind': 'a' if i % 2 else 'b'}) + '\n')
+    (root / 'cooking').mkdir(exist_ok=True)
+    for i in range(n):
+        (root / 'cooking' / f'{i:02d}.txt').write_text(_doc(rng, FOOD))
+    with open(root / 'spam.jsonl', 'w') as f:
+        for i in range(n // 2):
+            f.write(json.dumps({'text': 'Home | Login | Sign up\nCLICK HERE!!! ### $$$ \u00a9 2024 '
+                                f'{i}\nPrivacy Policy\nCookies'}) + '\n')
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / 'corpus')
+
+
+def _convert(corpus, out, **kw):
+    args = dict(seq_len=256, size_limit=1200, progress=False)
+    args.update(kw)
+    return convert([str(corpus / 'science.jsonl'), str(corpus / 'cooking'), str(corpus / 'spam.jsonl')],
+                   str(out), **args)
+
+
+def _sidecar(path):
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if '/mads/' in full + '/' and '.work' not in full:
+                out[os.path.relpath(full, path)] = open(full, 'rb').read()
+    return out
+
+
+def _store(streams):
+    labels = [StreamLabels(s.local, s.num_samples, s.name) for s in streams]
+    offsets = np.cumsum([0] + [s.num_samples for s in streams[:-1]])
+    return labels, LabelStore(labels, offsets)
+
+
+def test_round_trip_convert_label_open(corpus, tmp_path, capsys):
+    out = tmp_path / 'out'
+    summary = _convert(corpus, out)
+    assert main(['label', str(out), '--topics', '3', '--no-progress']) == 0
+    assert 'labelled 3 stream(s)' in capsys.readouterr().out
+    streams, info, _ = discover_streams(str(out))
+    assert [s.name for s in streams] == ['cooking', 'science', 'spam']
+    assert all(len(s.index['shards']) > 1 for s in streams[:2])  # Several shards per stream.
+    labels, store = _store(streams)
+    for s, lab in zip(streams, labels):
+        assert lab.num_samples == summary.domains[s.name].samples
+        assert lab.columns['domain']['values'] == [s.name]
+        q = np.asarray(lab.array('quality'))
+        assert q.dtype == np.float32 and (q >= 0).all() and (q <= 5).all()
+        assert lab.columns['topic']['values'] == ['t00', 't01', 't02']
+        assert not os.path.exists(os.path.join(s.local, 'mads', '.work'))
+        assert os.path.isfile(os.path.join(s.local, 'mads', 'topics', 'topics.json'))
+    domain = store.info('domain')
+    assert set(domain.values) == {'cooking', 'science', 'spam'}
+    assert domain.counts.sum() == sum(s.num_samples for s in streams)
+    # Quality: prose beats boilerplate.
+    q = {s.name: float(np.mean(lab.array('quality'))) for s, lab in zip(streams, labels)}
+    assert min(q['science'], q['cooking']) > q['spam'] + 1.5
+    # Topics: the two prose domains fall in different clusters.
+    top = {s.name: np.bincount(np.asarray(lab.array('topic')), minlength=3).argmax()
+           for s, lab in zip(streams, labels)}
+    assert top['science'] != top['cooking']
+    # The dataset opens with Streaming, and the label store addresses its global sample ids.
+    from streaming import Stream, StreamingDataset
+    ds = StreamingDataset(streams=[Stream(local=s.local) for s in streams], batch_size=1,
+                          shuffle=False)
+    assert len(ds) == sum(s.num_samples for s in streams)
+    assert ds[0]['tokens'].shape == (256,)
+    ids = np.arange(len(ds))
+    assert [domain.values[i] for i in store.gather('domain', ids[[0, -1]])] == ['cooking', 'spam']
+    # Inspect prints the tables.
+    assert main(['inspect', str(out)]) == 0
+    text = capsys.readouterr().out
+    for word in ('domain (categorical)', 'quality (score)', 'topic (categorical)', 'top terms',
+                 'cooking', '[4, 5]'):
+        assert word in text
+
+
+def test_label_text_mode_domain_column_and_plugin(corpus, tmp_path):
+    out = tmp_path / 'text'
+    convert([str(corpus / 'science.jsonl'), str(corpus / 'cooking')], str(out), mode='text',
+            layout='single', meta_fields=['kind'], size_limit=3000, progress=False)
+    scorer = tmp_path / 'scorer.py'
+    scorer.write_text('def by_length(texts):\n    return [len(t) / 1000 for t in texts]\n')
+    report = label_dataset(str(out), quality_scorer=f'{scorer}:by_length', topics=2, workers=2,
+                           progress=False)
+    assert report.streams[0]['samples'] == 32
+    streams, _, _ = discover_streams(str(out))
+    lab = StreamLabels(streams[0].local, 32, 'x')
+    assert lab.columns['domain']['values'] == ['cooking', 'science']  # From the domain column.
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=str(out), batch_size=1, shuffle=False)
+    texts = [ds[i]['text'] for i in range(len(ds))]
+    assert np.allclose(lab.array('quality'), [len(t) / 1000 for t in texts], atol=1e-6)
+    topics = np.asarray(lab.array('topic'))
+    domains = np.asarray(lab.array('domain'))
+    assert all(len(set(topics[domains == d])) == 1 for d in (0, 1)) and len(set(topics)) == 2
+    # Domain from another metadata column; only that column is relabelled, others are kept.
+    label_dataset(str(out), columns=['domain'], domain_from='column:kind', progress=False)
+    lab = StreamLabels(streams[0].local, 32, 'x')
+    assert lab.columns['domain']['values'] == ['', 'a', 'b']
+    assert set(lab.columns) == {'domain', 'quality', 'topic'}
+    with pytest.raises(LabelingError, match='no column'):
+        label_dataset(str(out), columns=['domain'], domain_from='column:nope', progress=False)
+
+
+def test_label_is_idempotent_and_resumes(corpus, tmp_path, monkeypatch):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    _convert(corpus, a)
+    shutil.copytree(a, b)
+    label_dataset(str(a), topics=3, workers=2, progress=False)
+    first = _sidecar(a)
+    assert first and any(k.endswith('topic.npy') for k in first)
+    label_dataset(str(a), topics=3, workers=2, progress=False)
+    assert _sidecar(a) == first  # Re-running gives the same bytes.
+
+    # Interrupt b after a few shards of pass 1 (inline, so the patch applies).
+    real = labeling._run_score
+    calls = []
+
+    def flaky(job):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(job)
+        return real(job)
+
+    monkeypatch.setattr(labeling, '_run_score', flaky)
+    with pytest.raises(KeyboardInterrupt):
+        label_dataset(str(b), topics=3, workers=1, progress=False)
+    monkeypatch.setattr(labeling, '_run_score', real)
+    works = [os.path.join(b, d, 'mads', '.work') for d in ('cooking', 'science', 'spam')]
+    assert sum(len([f for f in os.listdir(w) if f.startswith('score-')]) for w in works) == 4
+    assert not os.path.exists(os.path.join(b, 'cooking', 'mads', 'manifest.json'))
+
+    # Interrupt again in pass 2.
+    real_topic = labeling._run_topic
+    monkeypatch.setattr(labeling, '_run_topic', lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        label_dataset(str(b), topics=3, workers=1, progress=False)
+    monkeypatch.setattr(labeling, '_run_topic', real_topic)
+
+    report = label_dataset(str(b), topics=3, workers=2, progress=False)
+    total_shards = sum(s['shards'] for s in report.streams)
+    assert sum(s['resumed'] for s in report.streams) == total_shards  # Pass 1 all reused.
+    assert _sidecar(b) == first
+
+
+def test_stale_labels_and_bad_datasets(corpus, tmp_path, capsys):
+    out = tmp_path / 'out'
+    _convert(corpus, out)
+    assert main(['label', str(out), '--topics', '2', '--no-progress']) == 0
+    capsys.readouterr()
+    # Rewrite the shards of one stream (e.g. a re-conversion with other settings) under its labels.
+    other = tmp_path / 'other'
+    _convert(corpus, other, seq_len=200)
+    stream = out / 'science'
+    for name in os.listdir(stream):
+        if name != 'mads':
+            os.remove(stream / name)
+    for name in os.listdir(other / 'science'):
+        shutil.copy(other / 'science' / name, stream / name)
+    s = discover_streams(str(stream))[0][0]
+    with pytest.raises(LabelError, match='stale|cover'):
+        StreamLabels(s.local, s.num_samples, 'science')
+    assert main(['inspect', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert 'science' in err and 'mads label' in err
+    assert main(['label', str(out), '--topics', '2', '--no-progress']) == 0  # Relabelling fixes it.
+    assert main(['inspect', str(out)]) == 0
+    capsys.readouterr()
+    # A shard that no longer matches its index.
+    shard = sorted(n for n in os.listdir(stream) if n.endswith('.zstd'))[0]
+    with open(stream / shard, 'ab') as f:
+        f.write(b'junk')
+    assert main(['label', str(out), '--topics', '2', '--no-progress', '--workers', '1']) == 2
+    assert 'index.json says' in capsys.readouterr().err
+    # Not a dataset; too few samples for the topics; token ids without a tokenizer.
+    assert main(['label', str(tmp_path / 'nothing')]) == 2
+    assert 'does not exist' in capsys.readouterr().err
+    assert main(['label', str(out / 'cooking'), '--topics', '1000', '--no-progress']) == 2
+    assert 'lower --topics' in capsys.readouterr().err
+    bare = tmp_path / 'bare'
+    shutil.copytree(out / 'cooking', bare)
+    assert main(['label', str(bare), '--no-progress']) == 2
+    assert '--tokenizer' in capsys.readouterr().err
+    assert main(['label', str(bare), '--tokenizer', 'bytes', '--topics', '2', '--no-progress']) == 0
+    assert main(['label', str(bare), '--quality-scorer', 'nope', '--no-progress']) == 2
+    assert 'module:function' in capsys.readouterr().err
+
+
+def test_remote_dataset_and_reused_topic_model(corpus, tmp_path):
+    remote = tmp_path / 'remote'
+    _convert(corpus, remote)
+    cache = tmp_path / 'cache'
+    report = label_dataset(str(remote), local=str(cache), topics=2, progress=False)
+    assert len(report.streams) == 3
+    for name in ('cooking', 'science', 'spam'):
+        # Labels are uploaded beside the remote index, and equal the cached ones.
+        assert open(remote / name / 'mads' / 'manifest.json', 'rb').read() == \
+            open(cache / name / 'mads' / 'manifest.json', 'rb').read()
+        assert (remote / name / 'mads' / 'topics' / 'centroids.npy').is_file()
+        assert not (remote / name / 'mads' / '.work').exists()
+    text = labeling.inspect_dataset(str(remote), local=str(tmp_path / 'cache2'))
+    assert 'topic (categorical)' in text
+    # New data assigned to the same clusters.
+    new = tmp_path / 'new'
+    convert([str(corpus / 'cooking')], str(new), seq_len=256, progress=False)
+    label_dataset(str(new), columns=['topic'], topic_model=str(remote / 'cooking' / 'mads' / 'topics'),
+                  progress=False)
+    old_meta = json.load(open(remote / 'cooking' / 'mads' / 'topics' / 'topics.json'))
+    new_meta = json.load(open(new / 'cooking' / 'mads' / 'topics' / 'topics.json'))
+    assert new_meta == old_meta
+    old = np.asarray(StreamLabels(str(remote / 'cooking'), report.streams[0]['samples'], 'c').array('topic'))
+    new_ids = np.asarray(StreamLabels(str(new / 'cooking'), len(old), 'c').array('topic'))
+    assert np.array_equal(old, new_ids)

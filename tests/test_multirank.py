@@ -1,0 +1,71 @@
+"""Two ranks as two real processes with the distributed environment (as Streaming's tests do)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import sys
+
+import numpy as np
+from conftest import label_arrays
+
+B, R, INTERVAL = 4, 3, 5
+MEMORIES = {v: np.random.default_rng(v).uniform(0.1, 9.0, 4) for v in range(64)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE='2',
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    sys.path.insert(0, os.path.dirname(__file__))
+    from streaming import StreamingDataset
+    from test_dataset import batches
+
+    from streaming_mads import MADSDataset
+    kwargs = dict(local=data, shuffle=True, shuffle_seed=5, num_canonical_nodes=1)
+    plain = StreamingDataset(batch_size=R * B, **kwargs)
+    pools = batches(plain, num_workers=0)  # Same order as with workers (Streaming).
+    del plain
+    ds = MADSDataset(batch_size=B, pool_ratio=R, temperature=0.0, agents=['domain'],
+                     board_capacity=64, **kwargs)
+    ds.configure_schedule(update_interval=INTERVAL, lead=5)
+    for v, memory in MEMORIES.items():
+        ds.publish(v, np.array([1.0]), [memory])
+    kept = batches(ds, num_workers=2)
+    with open(out, 'w') as f:
+        json.dump({'pools': pools, 'kept': kept,
+                   'weights': [ds.weights(v).memories[0].tolist() for v in range(4)]}, f)
+
+
+def test_two_ranks_disjoint_and_same_weights(mds_dir, tmp_path):
+    port = _free_port()
+    ctx = mp.get_context('spawn')
+    outs = [os.path.join(tmp_path, f'rank{r}.json') for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, mds_dir, outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0
+    results = [json.load(open(o)) for o in outs]
+    ids = [[i for b in res['kept'] for i in b] for res in results]
+    assert not set(ids[0]) & set(ids[1])  # No sample on both ranks within the epoch.
+    assert len(ids[0]) == len(ids[1]) > 0
+    assert results[0]['weights'] == results[1]['weights']
+    # Every batch of both ranks is the hard top-B of its pool under that batch's version.
+    for res in results:
+        assert len(res['pools']) == len(res['kept'])
+        for b, (pool, keep) in enumerate(zip(res['pools'], res['kept'])):
+            memory = MEMORIES[b // INTERVAL]
+            score = {i: memory[d] for i, d in zip(pool, label_arrays(np.asarray(pool))['domain'])}
+            dropped = set(pool) - set(keep)
+            assert set(keep) <= set(pool) and len(keep) == min(B, len(pool))
+            if dropped:
+                assert min(score[i] for i in keep) >= max(score[i] for i in dropped)
