@@ -1,3 +1,5 @@
-"""Composer algorithms of streaming-mads (the AgentConsole arrives here)."""
+"""Composer algorithms of streaming-mads."""
 
-__all__: list[str] = []
+from algorithms.agent_console import AgentConsole, find_mads_dataset, load_reference
+
+__all__ = ['AgentConsole', 'find_mads_dataset', 'load_reference']

@@ -10,7 +10,9 @@ Both do about the same arithmetic: the ghost pass is a forward, a backward to th
 it costs about one training step on the probe batch, like the loop. The speed-up is batching
 efficiency: modest on a few CPU cores, where batch-1 matrix products already run near peak, and
 large where a batch-1 loop is latency-bound (GPUs). The machine's load is printed because timings on
-a shared host are noisy; rounds are interleaved so both methods see the same noise.
+a shared host are noisy; rounds are interleaved so both methods see the same noise. The ``step``
+column times one plain forward/backward of the probe batch's mean loss for scale: neither method
+can beat it by much, since both do that much arithmetic.
 
     python benchmarks/influence.py                       # probe sizes 16 64 256
     python benchmarks/influence.py --sizes 64 --repeats 5 --vocab 4096
@@ -56,6 +58,13 @@ def brute_force(model: nn.Module, batch: Dict[str, Tensor], grads: Dict[nn.Param
         sample_grads = torch.autograd.grad(loss, params)
         out[i] = float(sum(torch.vdot(g.reshape(-1), r.reshape(-1)) for g, r in zip(sample_grads, refs)))
     return out
+
+
+def training_step(model: nn.Module, batch: Dict[str, Tensor], params: List[nn.Parameter]) -> Tensor:
+    """Forward and backward of the batch's mean loss: what one ordinary training step costs."""
+    loss = causal_lm_per_sample_loss(model, batch).mean()
+    torch.autograd.grad(loss, params)
+    return loss.detach()
 
 
 def timed_side_by_side(fns: List[Callable[[], Tensor]], repeats: int) -> List[tuple]:
@@ -108,17 +117,20 @@ def main() -> None:
           f'{ref_time * 1e3:.1f} ms\n')
 
     header = f'{"probe":>6} {"ghost (s)":>10} {"brute (s)":>10} {"speed-up":>9} {"ghost ms/sample":>16} ' \
-             f'{"brute ms/sample":>16} {"max rel err":>12}'
+             f'{"brute ms/sample":>16} {"step (s)":>9} {"max rel err":>12}'
     print(header)
     print('-' * len(header))
     for size in args.sizes:
         probe = make_batch(size, args, gen)
-        (ghost_time, ghost), (brute_time, brute) = timed_side_by_side(
-            [lambda: per_sample_influence(model, probe, grads), lambda: brute_force(model, probe, grads)],
-            args.repeats)
+        (ghost_time, ghost), (brute_time, brute), (step_time, _) = timed_side_by_side([
+            lambda: per_sample_influence(model, probe, grads),
+            lambda: brute_force(model, probe, grads),
+            lambda: training_step(model, probe, list(grads)),
+        ], args.repeats)
         err = float((ghost.double() - brute).abs().max() / brute.abs().max())
         print(f'{size:>6} {ghost_time:>10.3f} {brute_time:>10.3f} {brute_time / ghost_time:>8.1f}x '
-              f'{ghost_time / size * 1e3:>16.2f} {brute_time / size * 1e3:>16.2f} {err:>12.2e}',
+              f'{ghost_time / size * 1e3:>16.2f} {brute_time / size * 1e3:>16.2f} {step_time:>9.3f} '
+              f'{err:>12.2e}',
               flush=True)
 
 

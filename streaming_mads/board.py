@@ -73,17 +73,21 @@ class WeightBoard:
         capacity (int): Versions kept on the ring. Must cover the versions in flight between the
             slowest worker and the newest publication (a few suffice; default 16).
         create (bool): Create (and reset) the segment instead of attaching to it.
+        stats_rows (int): Rows of selection counters (one per DataLoader worker; workers beyond
+            this share rows, making the counts approximate but never wrong in version or order).
     """
 
     def __init__(self, name: str, agent_sizes: Sequence[int], capacity: int = 16,
-                 create: bool = False) -> None:
+                 create: bool = False, stats_rows: int = 64) -> None:
         if capacity < 2:
             raise ValueError(f'Board capacity must be at least 2, got {capacity}.')
         self.name = name
         self.agent_sizes = tuple(int(n) for n in agent_sizes)
         self.capacity = int(capacity)
         self._slot_words = 1 + len(self.agent_sizes) + sum(self.agent_sizes)
-        self._size = 8 * (_HEADER + len(self.agent_sizes) + self.capacity * self._slot_words)
+        self.stats_rows = int(stats_rows)
+        self._stats_start = _HEADER + len(self.agent_sizes) + self.capacity * self._slot_words
+        self._size = 8 * (self._stats_start + self.stats_rows * sum(self.agent_sizes))
         self._shm: Optional[SharedMemory] = None
         self._owner_pid = os.getpid() if create else -1
         if create:
@@ -245,6 +249,25 @@ class WeightBoard:
                     f'batches, so raise `lead` (or lower prefetch), or raise the dataset\'s '
                     f'`version_timeout` if updates are just slow.')
             time.sleep(_TICK)
+
+    # -- selection statistics -------------------------------------------------------------
+
+    def _stats(self) -> NDArray[np.int64]:
+        return self._words()[self._stats_start:].reshape(self.stats_rows, sum(self.agent_sizes))
+
+    def record_kept(self, row: int, label_ids: Sequence[NDArray]) -> None:
+        """Count kept samples by label value (called by the worker owning ``row``)."""
+        counts = self._stats()[row % self.stats_rows]
+        offset = 0
+        for ids, size in zip(label_ids, self.agent_sizes):
+            counts[offset:offset + size] += np.bincount(ids, minlength=size)
+            offset += size
+
+    def kept_counts(self) -> list[NDArray[np.int64]]:
+        """Kept samples per label value of each agent, over all workers since the reset."""
+        total = self._stats().sum(axis=0)
+        bounds = np.cumsum((0,) + self.agent_sizes)
+        return [total[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def cleanup(self) -> None:
         """Release the segment (the creator unlinks it)."""

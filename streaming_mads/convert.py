@@ -394,23 +394,8 @@ def convert(inputs: Sequence[Union[Input, str]],
     """
     from streaming import MDSWriter
 
-    if mode not in ('tokens', 'text'):
-        raise ConvertError(f'Unknown mode {mode!r}: use "tokens" or "text".')
-    if layout not in ('streams', 'single'):
-        raise ConvertError(f'Unknown layout {layout!r}: use "streams" or "single".')
-    if doc_split not in ('file', 'line', 'paragraph'):
-        raise ConvertError(f'Unknown doc split {doc_split!r}: use "file", "line" or "paragraph".')
-    if encoding_errors not in ('strict', 'replace'):
-        raise ConvertError('--encoding-errors must be "strict" or "replace".')
-    if mode == 'tokens' and seq_len < 2:
-        raise ConvertError(f'--seq-len {seq_len} is too small: use at least 2.')
-    if meta_fields and mode == 'tokens':
-        raise ConvertError('--meta-fields applies to text mode only: token samples span several '
-                           'documents.')
-    reserved = {'text', 'tokens', 'domain'}
-    if reserved & set(meta_fields):
-        raise ConvertError(f'--meta-fields may not include {sorted(reserved & set(meta_fields))}: '
-                           'those columns are written by convert itself.')
+    _check_options(mode, layout, doc_split, encoding_errors, seq_len, meta_fields, size_limit,
+                   compression, hashes)
     if not inputs:
         raise ConvertError('No inputs: give at least one file or directory.')
     ins = [parse_input(i) if isinstance(i, str) else i for i in inputs]
@@ -439,6 +424,7 @@ def convert(inputs: Sequence[Union[Input, str]],
     if os.path.exists(tmp):
         shutil.rmtree(tmp)  # Left by an interrupted run.
     os.makedirs(tmp)
+    writers: dict[str, Any] = {}  # stream path -> MDSWriter
     try:
         tok: Optional[Tokenizer] = None
         tok_record: dict[str, Any] = {}
@@ -456,7 +442,6 @@ def convert(inputs: Sequence[Union[Input, str]],
         if layout == 'single':
             columns['domain'] = 'str'
 
-        writers: dict[str, Any] = {}  # stream path -> MDSWriter
         sinks: dict[str, _Sink] = {}
         stats: dict[str, DomainStats] = {}
         docs_per_input = {inp: 0 for inp in ins}
@@ -540,18 +525,61 @@ def convert(inputs: Sequence[Union[Input, str]],
                         'domain_field': domain_field, 'include': list(include),
                         'doc_split': doc_split, 'encoding_errors': encoding_errors,
                         'size_limit': size_limit, 'compression': compression,
-                        'hashes': sorted(hashes), 'vocab_size': vocab_size if tokenizer == 'train' else None},
+                        'hashes': sorted(hashes),
+                        'vocab_size': vocab_size if tokenizer == 'train' else None},
         }
         with open(os.path.join(tmp, CONVERT_INFO_NAME), 'w', encoding='utf-8') as f:
             json.dump(info, f, indent=1, sort_keys=True)
             f.write('\n')
     except BaseException:
+        for writer in writers.values():
+            writer.cancel_future_jobs()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if os.path.exists(out):
         shutil.rmtree(out)
     os.rename(tmp, out)
     return ConvertSummary(out, streams, dict(sorted(stats.items())), info)
+
+
+def _check_options(mode: str, layout: str, doc_split: str, encoding_errors: str, seq_len: int,
+                   meta_fields: Sequence[str], size_limit: Union[int, str],
+                   compression: Optional[str], hashes: Sequence[str]) -> None:
+    """Refuse bad options before reading anything (MDSWriter's own errors are less clear)."""
+    from streaming.base.compression import is_compression
+    from streaming.base.hashing import is_hash
+    from streaming.base.util import bytes_to_int
+
+    if mode not in ('tokens', 'text'):
+        raise ConvertError(f'Unknown mode {mode!r}: use "tokens" or "text".')
+    if layout not in ('streams', 'single'):
+        raise ConvertError(f'Unknown layout {layout!r}: use "streams" or "single".')
+    if doc_split not in ('file', 'line', 'paragraph'):
+        raise ConvertError(f'Unknown doc split {doc_split!r}: use "file", "line" or "paragraph".')
+    if encoding_errors not in ('strict', 'replace'):
+        raise ConvertError('--encoding-errors must be "strict" or "replace".')
+    if mode == 'tokens' and seq_len < 2:
+        raise ConvertError(f'--seq-len {seq_len} is too small: use at least 2.')
+    if meta_fields and mode == 'tokens':
+        raise ConvertError('--meta-fields applies to text mode only: token samples span several '
+                           'documents.')
+    reserved = {'text', 'tokens', 'domain'}
+    if reserved & set(meta_fields):
+        raise ConvertError(f'--meta-fields may not include {sorted(reserved & set(meta_fields))}: '
+                           'those columns are written by convert itself.')
+    try:
+        limit = bytes_to_int(size_limit)
+    except (ValueError, TypeError):
+        limit = -1
+    if not 0 < limit < 1 << 32:
+        raise ConvertError(f'--size-limit {size_limit!r} is not a size between 1 byte and 4gb '
+                           '(e.g. 64mb).')
+    if compression and not is_compression(compression):
+        raise ConvertError(f'Unknown compression {compression!r}: use zstd, zstd:LEVEL, gz, br, '
+                           'bz2, snappy or none.')
+    bad = [h for h in hashes if not is_hash(h)]
+    if bad:
+        raise ConvertError(f'Unknown shard hash(es) {bad}: use e.g. sha1, md5, xxh64.')
 
 
 def _check_domain(domain: str, layout: str, where: str) -> None:

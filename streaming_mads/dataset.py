@@ -237,6 +237,7 @@ class MADSDataset(StreamingDataset):
                 noise = gumbel_noise((self.selection_seed, epoch, batch_in_epoch * ranks + rank),
                                      end - start)
                 keep = gumbel_topk(scores, noise, self.device_batch_size, self.temperature)
+                self.board.record_kept(worker, [lab[start + keep] for lab in labels])
                 yield block_start + start, keep
 
     # -- download threads ------------------------------------------------------------------

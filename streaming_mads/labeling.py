@@ -36,7 +36,7 @@ import urllib.parse
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,7 +49,7 @@ from streaming_mads.quality import DEFAULT_SCORER, load_scorer, score_texts
 from streaming_mads.tokenize import (TOKENIZER_DIRNAME, Tokenizer, load_tokenizer,
                                      tokenizer_from_record)
 from streaming_mads.topics import (NUM_BUCKETS, TermRows, TopicModel, idf_from_df, kmeans,
-                                   resolve_embedder, term_rows, tfidf_embed, top_terms)
+                                   resolve_embedder, term_rows, tfidf_embed, top_terms, topic_names)
 
 __all__ = [
     'LabelingError', 'StreamRef', 'LabelReport', 'label_dataset', 'discover_streams',
@@ -360,8 +360,9 @@ def _run_score(job: _ScoreJob) -> int:
                           name_buckets=np.asarray([b for b, _ in names], np.int64),
                           name_words=np.asarray([w for _, w in names], dtype=str))
         if job.embedder:
-            model = TopicModel(json.loads(job.embedder), np.zeros((1, 1), np.float32))
-            arrays['fit_emb'] = model.embed([texts[i] for i in fit], job.num_threads)
+            if job.embedder not in _MODELS:  # Loaded once per worker process.
+                _MODELS[job.embedder] = TopicModel(json.loads(job.embedder), np.zeros((1, 1)))
+            arrays['fit_emb'] = _MODELS[job.embedder].embed([texts[i] for i in fit], job.num_threads)
     _save_npz(job.out, **arrays)
     return len(samples)
 
@@ -410,30 +411,48 @@ def _run_topic(job: _TopicJob) -> int:
     return len(samples)
 
 
-def _run_jobs(fn: Callable[[Any], int], jobs: list[Any], workers: int, desc: str, total: int,
-              progress: Optional[bool], mp_context: Optional[str]) -> None:
-    """Run ``fn`` over ``jobs`` in a process pool (inline when ``workers <= 1``), with a bar."""
+class _Pool:
+    """A process pool started on first use and shared by both passes (workers load models once)."""
+
+    def __init__(self, workers: int, mp_context: Optional[str]) -> None:
+        self.workers = workers
+        self.mp_context = mp_context
+        self.pool: Optional[ProcessPoolExecutor] = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            import multiprocessing as mp
+            os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+            self.pool = ProcessPoolExecutor(max_workers=self.workers,
+                                            mp_context=mp.get_context(self.mp_context))
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _run_jobs(fn: Callable[[Any], int], jobs: list[Any], pool: _Pool, desc: str, total: int,
+              progress: Optional[bool]) -> None:
+    """Run ``fn`` over ``jobs`` in the pool (inline for one worker or one job), with a bar."""
     from tqdm import tqdm
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     with tqdm(total=total, desc=desc, unit='sample', disable=disable, leave=False) as bar:
-        if workers <= 1 or len(jobs) <= 1:
+        if pool.workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 bar.update(fn(job))
             return
-        import multiprocessing as mp
-        ctx = mp.get_context(mp_context)
-        os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending: set[Future] = {pool.submit(fn, job) for job in jobs}
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for fut in done:
-                        bar.update(fut.result())
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+        pending: set[Future] = {pool.get().submit(fn, job) for job in jobs}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    bar.update(fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +534,7 @@ def _text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_c
                             'text from a "str" column or token ids from an "ndarray" column.')
     if tokenizer is not None:
         load_tokenizer(tokenizer)  # Fail early, in the main process.
-        return _TextSpec(col, True, (tokenizer, ''))
+        return _TextSpec(col, True, (tokenizer if tokenizer == 'bytes' else os.path.abspath(tokenizer), ''))
     record = (info or {}).get('tokenizer')
     if not record:
         raise LabelingError(f'Stream {ref.name} holds token ids but no tokenizer is known (no '
@@ -588,206 +607,232 @@ def label_dataset(dataset: str,
                             f'{", ".join(DEFAULT_COLUMNS)}.')
     if not (domain_from in ('auto', 'stream') or domain_from.startswith('column:')):
         raise LabelingError(f'--domain-from {domain_from!r}: use "auto", "stream" or "column:NAME".')
-    want_topic = 'topic' in columns
-    if want_topic and topic_model is None and topics < 1:
+    if 'topic' in columns and topic_model is None and topics < 1:
         raise LabelingError(f'--topics {topics}: give at least 1.')
     if 'quality' in columns:
-        load_scorer(quality_scorer)  # Fail early on a bad plug-in spec.
-    model: Optional[TopicModel] = TopicModel.load(topic_model) if (want_topic and topic_model) else None
-    emb_record = resolve_embedder(embedder) if want_topic and model is None else None
+        load_scorer(quality_scorer)  # Fail early, in this process, on a bad plug-in spec.
+    model = TopicModel.load(topic_model) if ('topic' in columns and topic_model) else None
+    emb_record = resolve_embedder(embedder) if 'topic' in columns and model is None else None
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if mp_context is None:
-        transformer = ((emb_record or {}).get('kind') == 'transformer' or
-                       (model is not None and model.embedder['kind'] == 'transformer'))
+        # Torch (transformer embedders) is not fork-safe once it has run threads: spawn then.
+        transformer = 'transformer' in ((emb_record or {}).get('kind'),
+                                        model.embedder['kind'] if model else None)
         import multiprocessing as mp
-        mp_context = 'fork' if ('fork' in mp.get_all_start_methods() and not transformer and
-                                sys.platform == 'linux') else 'spawn'
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        fork = 'fork' in mp.get_all_start_methods() and sys.platform == 'linux'
+        mp_context = 'fork' if fork and not transformer else 'spawn'
 
     streams, info, root = discover_streams(dataset, local, split)
-    fingerprints = [index_fingerprint(s.local) for s in streams]
-    for s in streams:
-        if s.num_samples == 0:
-            raise LabelingError(f'Stream {s.name} has no samples: nothing to label.')
+    labeler = _Labeler(streams, columns, restart=restart, seed=seed, quality_scorer=quality_scorer,
+                       threads=max(1, (os.cpu_count() or 1) // max(workers, 1)), progress=progress)
+    pool = _Pool(workers, mp_context)
+    try:
+        labeler.plan(info, root, domain_from, text_column, tokenizer)
+        if model is None and emb_record is not None:
+            labeler.choose_fit_samples(fit_samples, topics)
+        labeler.score_pass(pool, emb_record)
+        if 'topic' in columns:
+            if model is None:
+                assert emb_record is not None
+                model = labeler.fit_topics(topics, emb_record)
+            labeler.topic_pass(pool, model)
+        reports = labeler.write(model)
+    finally:
+        pool.close()
+    if not keep_work:
+        for s in streams:
+            shutil.rmtree(os.path.join(labels_dir(s.local), WORK_DIRNAME), ignore_errors=True)
+    return LabelReport(reports, columns, {'k': model.k, **model.info} if model else None)
 
-    # Domain source and text source per stream.
-    domain_cols: list[Optional[str]] = []
-    text_specs = []
-    for s in streams:
-        names = set(s.index['shards'][0]['column_names'])
-        col: Optional[str] = None
-        if 'domain' in columns:
-            if domain_from.startswith('column:'):
-                col = domain_from.split(':', 1)[1]
-                if col not in names:
-                    raise LabelingError(f'Stream {s.name} has no column {col!r} for --domain-from '
-                                        f'(columns: {", ".join(sorted(names))}).')
-            elif domain_from == 'auto' and 'domain' in names:
-                col = 'domain'
-        domain_cols.append(col)
-        need_text = 'quality' in columns or want_topic
-        text_specs.append(_text_spec(s, info, root, text_column, tokenizer) if need_text else None)
 
-    # The topic-fit subsample: seeded over all samples of all streams.
-    totals = np.asarray([s.num_samples for s in streams], np.int64)
-    fit_global = np.zeros(0, np.int64)
-    fitting = want_topic and model is None
-    if fitting:
-        n_all = int(totals.sum())
+class _Labeler:
+    """The steps of :func:`label_dataset` over a fixed list of streams (see the module doc)."""
+
+    def __init__(self, streams: list[StreamRef], columns: list[str], *, restart: bool, seed: int,
+                 quality_scorer: str, threads: int, progress: Optional[bool]) -> None:
+        self.streams = streams
+        self.columns = columns
+        self.restart = restart
+        self.seed = seed
+        self.quality = quality_scorer if 'quality' in columns else None
+        self.threads = threads
+        self.progress = progress
+        self.fingerprints = [index_fingerprint(s.local) for s in streams]
+        self.works = [os.path.join(labels_dir(s.local), WORK_DIRNAME) for s in streams]
+        self.fit_ids = np.zeros(0, np.int64)  # Global sample ids of the topic-fit subsample.
+        self.fitting = False
+        self.resumed = [0] * len(streams)
+        for s in streams:
+            if s.num_samples == 0:
+                raise LabelingError(f'Stream {s.name} has no samples: nothing to label.')
+        sizes = np.asarray([s.num_samples for s in streams], np.int64)
+        self.stream_starts = np.concatenate([[0], np.cumsum(sizes)])
+
+    def plan(self, info: Optional[dict[str, Any]], root: str, domain_from: str,
+             text_column: Optional[str], tokenizer: Optional[str]) -> None:
+        """Decide where each stream's domain and text come from (errors before any work)."""
+        self.domain_cols: list[Optional[str]] = []
+        self.texts: list[_TextSpec] = []
+        needs_text = 'quality' in self.columns or 'topic' in self.columns
+        for s in self.streams:
+            names = set(s.index['shards'][0]['column_names'])
+            col: Optional[str] = None
+            if 'domain' in self.columns:
+                if domain_from.startswith('column:'):
+                    col = domain_from.split(':', 1)[1]
+                    if col not in names:
+                        raise LabelingError(f'Stream {s.name} has no column {col!r} for '
+                                            f'--domain-from (columns: {", ".join(sorted(names))}).')
+                elif domain_from == 'auto' and 'domain' in names:
+                    col = 'domain'
+            self.domain_cols.append(col)
+            self.texts.append(_text_spec(s, info, root, text_column, tokenizer) if needs_text else
+                              _TextSpec('', False))
+
+    def choose_fit_samples(self, fit_samples: int, topics: int) -> None:
+        """The seeded subsample, over all streams together, that k-means is fitted on."""
+        n_all = int(self.stream_starts[-1])
         m = min(fit_samples, n_all)
         if m < topics:
             raise LabelingError(f'Cannot fit {topics} topics on {m} samples: lower --topics to at '
                                 f'most {m}, or raise --fit-samples.')
-        fit_global = np.sort(np.random.default_rng(seed).choice(n_all, m, replace=False))
-    stream_starts = np.concatenate([[0], np.cumsum(totals)])
+        self.fit_ids = np.sort(np.random.default_rng(self.seed).choice(n_all, m, replace=False))
+        self.fitting = True
 
-    # Pass 1: score shards.
-    score_jobs: list[_ScoreJob] = []
-    plans = []  # per stream: (work dir, shard starts)
-    resumed = []
-    for si, s in enumerate(streams):
-        work = os.path.join(labels_dir(s.local), WORK_DIRNAME)
-        counts = [int(sh['samples']) for sh in s.index['shards']]
-        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        in_stream = fit_global[(fit_global >= stream_starts[si]) & (fit_global < stream_starts[si + 1])]
-        in_stream = in_stream - stream_starts[si]
-        key = _hash({
-            'v': _WORK_VERSION, 'fingerprint': fingerprints[si], 'text': text_specs[si],
-            'domain': domain_cols[si], 'quality': quality_scorer if 'quality' in columns else None,
-            'fit': hashlib.sha256(in_stream.tobytes()).hexdigest() if fitting else None,
-            'embedder': emb_record
-        })
-        _prepare_work(work, key, restart, 'score')
-        plans.append((work, starts))
-        done = 0
-        for j, shard in enumerate(s.index['shards']):
-            out = os.path.join(work, f'score-{j:05d}.npz')
-            if os.path.isfile(out):
-                done += 1
+    def _fit_in_stream(self, si: int) -> NDArray[np.int64]:
+        lo, hi = self.stream_starts[si], self.stream_starts[si + 1]
+        return self.fit_ids[(self.fit_ids >= lo) & (self.fit_ids < hi)] - lo
+
+    def score_pass(self, pool: _Pool, emb_record: Optional[dict[str, Any]]) -> None:
+        """Pass 1 over every shard not already done: quality, domain, term statistics."""
+        transformer = (json.dumps(emb_record, sort_keys=True) if self.fitting and emb_record and
+                       emb_record['kind'] != 'tfidf' else None)
+        self.needs_scores = (self.quality is not None or self.fitting or
+                             any(c is not None for c in self.domain_cols))
+        jobs = []
+        for si, s in enumerate(self.streams):
+            fit = self._fit_in_stream(si)
+            _prepare_work(self.works[si], _hash({
+                'v': _WORK_VERSION, 'fingerprint': self.fingerprints[si], 'text': self.texts[si],
+                'domain': self.domain_cols[si], 'quality': self.quality,
+                'fit': hashlib.sha256(fit.tobytes()).hexdigest() if self.fitting else None,
+                'embedder': transformer}), self.restart, 'score')
+            if not self.needs_scores:
                 continue
-            lo, hi = starts[j], starts[j + 1]
-            fit_rows = tuple(int(i - lo) for i in in_stream[(in_stream >= lo) & (in_stream < hi)])
-            score_jobs.append(_ScoreJob(
-                s.name, s.local, s.remote, shard, text_specs[si] or _TextSpec('', False),
-                domain_cols[si], quality_scorer if 'quality' in columns else None,
-                fitting, fit_rows,
-                json.dumps(emb_record) if fitting and emb_record and emb_record['kind'] != 'tfidf' else None,
-                threads, out))
-        resumed.append(done)
-    needs_pass1 = 'quality' in columns or fitting or any(c is not None for c in domain_cols)
-    if needs_pass1:
-        _run_jobs(_run_score, score_jobs, workers, 'mads label: scoring',
-                  sum(int(j.shard['samples']) for j in score_jobs), progress, mp_context)
+            start = 0
+            for j, shard in enumerate(s.index['shards']):
+                out = os.path.join(self.works[si], f'score-{j:05d}.npz')
+                end = start + int(shard['samples'])
+                rows = tuple(int(i - start) for i in fit[(fit >= start) & (fit < end)])
+                start = end
+                if os.path.isfile(out):
+                    self.resumed[si] += 1
+                    continue
+                jobs.append(_ScoreJob(s.name, s.local, s.remote, shard, self.texts[si],
+                                      self.domain_cols[si], self.quality, self.fitting, rows,
+                                      transformer, self.threads, out))
+        _run_jobs(_run_score, jobs, pool, 'mads label: scoring',
+                  sum(int(j.shard['samples']) for j in jobs), self.progress)
 
-    # Gather pass 1.
-    quality: list[NDArray] = []
-    domains: list[Optional[LabelColumn]] = []
-    df = np.zeros(NUM_BUCKETS, np.int64) if fitting else None
-    fit_parts: list[TermRows] = []
-    fit_embs: list[NDArray] = []
-    name_counts: dict[int, str] = {}
-    for si, s in enumerate(streams):
-        work = plans[si][0]
-        q_parts, d_parts = [], []
-        for j in range(len(s.index['shards'])):
-            if not needs_pass1:
-                break
-            with np.load(os.path.join(work, f'score-{j:05d}.npz'), allow_pickle=False) as z:
-                if int(z['n']) != s.index['shards'][j]['samples']:
-                    raise LabelingError(f'Work file of shard {j} of stream {s.name} is stale: re-run '
-                                        'with --restart.')
-                if 'quality' in z:
-                    q_parts.append(z['quality'])
-                if 'domain_ids' in z:
-                    d_parts.append((z['domain_vocab'], z['domain_ids']))
-                if fitting and df is not None and 'df_buckets' in z:
-                    np.add.at(df, z['df_buckets'], z['df_counts'])
-                    fit_parts.append(TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {}))
-                    for b, w in zip(z['name_buckets'].tolist(), z['name_words'].tolist()):
-                        if b not in name_counts or w < name_counts[b]:
-                            name_counts[b] = w
+    def _score_files(self, si: int, keys: Sequence[str]) -> Iterator[dict[str, NDArray]]:
+        """The ``keys`` arrays of each pass-1 file of stream ``si``, shard by shard."""
+        s = self.streams[si]
+        for j, shard in enumerate(s.index['shards']):
+            with np.load(os.path.join(self.works[si], f'score-{j:05d}.npz'), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ('n', *keys) if k in z.files}
+            if int(arrays['n']) != shard['samples']:
+                raise LabelingError(f'Work file of shard {j} of stream {s.name} is stale: re-run '
+                                    'with --restart.')
+            yield arrays
+
+    def fit_topics(self, k: int, emb_record: dict[str, Any]) -> TopicModel:
+        """k-means over the fit subsample of all streams; IDF from all samples' frequencies."""
+        df = np.zeros(NUM_BUCKETS, np.int64)
+        parts: list[TermRows] = []
+        embs: list[NDArray] = []
+        names: dict[int, str] = {}
+        for si in range(len(self.streams)):
+            for z in self._score_files(si, ('df_buckets', 'df_counts', 'fit_indptr', 'fit_buckets',
+                                            'fit_counts', 'name_buckets', 'name_words', 'fit_emb')):
+                df[z['df_buckets']] += z['df_counts']  # Unique buckets within a shard.
+                parts.append(TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {}))
+                for b, w in zip(z['name_buckets'].tolist(), z['name_words'].tolist()):
+                    if b not in names or w < names[b]:
+                        names[b] = w
                 if 'fit_emb' in z:
-                    fit_embs.append(z['fit_emb'])
-        quality.append(np.concatenate(q_parts) if q_parts else np.zeros(0, np.float32))
-        domains.append(_merge_domains(d_parts) if d_parts else None)
+                    embs.append(z['fit_emb'])
+        rows = _concat_rows(parts, names)
+        idf = idf_from_df(df, int(self.stream_starts[-1]))
+        tfidf = emb_record['kind'] == 'tfidf'
+        x = tfidf_embed(rows, idf, emb_record['dim']) if tfidf else np.concatenate(embs)
+        km = kmeans(x, k, seed=self.seed)
+        values = topic_names(k)
+        sizes = np.bincount(km.labels, minlength=k)
+        terms = top_terms(rows, km.labels, k, idf)
+        return TopicModel(emb_record, km.centroids, idf if tfidf else None, 'cosine', {
+            'fit_samples': int(len(x)), 'seed': self.seed,
+            'sizes': {n: int(c) for n, c in zip(values, sizes)},
+            'top_terms': dict(zip(values, terms)),
+        })
 
-    # Fit or load the topic model, then pass 2.
-    topic_ids: list[NDArray] = []
-    if want_topic:
-        if model is None:
-            assert emb_record is not None and df is not None
-            rows = _concat_rows(fit_parts, name_counts)
-            idf = idf_from_df(df, int(totals.sum()))
-            x = (tfidf_embed(rows, idf, emb_record['dim']) if emb_record['kind'] == 'tfidf' else
-                 np.concatenate(fit_embs))
-            km = kmeans(x, topics, seed=seed)
-            names = [f't{i:0{max(2, len(str(topics - 1)))}d}' for i in range(topics)]
-            sizes = np.bincount(km.labels, minlength=topics)
-            terms = top_terms(rows, km.labels, topics, idf)
-            model = TopicModel(emb_record, km.centroids,
-                               idf if emb_record['kind'] == 'tfidf' else None, 'cosine', {
-                                   'fit_samples': int(len(x)), 'seed': seed,
-                                   'sizes': {n: int(c) for n, c in zip(names, sizes)},
-                                   'top_terms': {n: t for n, t in zip(names, terms)},
-                               })
-        model_key = model.fingerprint()
-        model_dir = os.path.join(plans[0][0], TOPICS_DIRNAME)
+    def topic_pass(self, pool: _Pool, model: TopicModel) -> None:
+        """Pass 2: the topic of every sample of every shard not already done."""
+        key = model.fingerprint()
+        model_dir = os.path.join(self.works[0], TOPICS_DIRNAME)  # Workers load it from here.
         if os.path.isdir(model_dir):
             shutil.rmtree(model_dir)
         model.save(model_dir)
-        topic_jobs = []
-        for si, s in enumerate(streams):
-            work = plans[si][0]
-            _prepare_work(work, _hash([model_key, fingerprints[si], text_specs[si]]), restart, 'topic')
+        jobs = []
+        for si, s in enumerate(self.streams):
+            _prepare_work(self.works[si], _hash([key, self.fingerprints[si], self.texts[si]]),
+                          self.restart, 'topic')
             for j, shard in enumerate(s.index['shards']):
-                out = os.path.join(work, f'topic-{j:05d}.npy')
+                out = os.path.join(self.works[si], f'topic-{j:05d}.npy')
                 if not os.path.isfile(out):
-                    topic_jobs.append(_TopicJob(s.name, s.local, s.remote, shard,
-                                                text_specs[si] or _TextSpec('', False), model_dir,
-                                                model_key, threads, out))
-        _run_jobs(_run_topic, topic_jobs, workers, 'mads label: topics',
-                  sum(int(j.shard['samples']) for j in topic_jobs), progress, mp_context)
-        for si, s in enumerate(streams):
-            parts = [np.load(os.path.join(plans[si][0], f'topic-{j:05d}.npy'), allow_pickle=False)
-                     for j in range(len(s.index['shards']))]
-            topic_ids.append(np.concatenate(parts).astype(np.int64))
+                    jobs.append(_TopicJob(s.name, s.local, s.remote, shard, self.texts[si],
+                                          model_dir, key, self.threads, out))
+        _run_jobs(_run_topic, jobs, pool, 'mads label: topics',
+                  sum(int(j.shard['samples']) for j in jobs), self.progress)
 
-    # Write, validate, upload.
-    reports = []
-    for si, s in enumerate(streams):
-        if index_fingerprint(s.local) != fingerprints[si]:
-            raise LabelingError(f'The index.json of stream {s.name} changed while it was being '
-                                'labelled: its shards were rewritten; run mads label again.')
+    def _columns(self, si: int, model: Optional[TopicModel]) -> dict[str, LabelColumn]:
+        s = self.streams[si]
         cols: dict[str, LabelColumn] = {}
-        if 'domain' in columns:
-            d = domains[si] if domain_cols[si] is not None else None
-            cols['domain'] = d if d is not None else categorical(
-                np.zeros(s.num_samples, np.int64), vocab=[s.name])
-        if 'quality' in columns:
-            cols['quality'] = score(quality[si])
-        if want_topic:
-            assert model is not None
-            cols['topic'] = categorical(topic_ids[si], vocab=model.names)
-        write_labels(s.local, cols, merge=True)
-        topics_out = os.path.join(labels_dir(s.local), TOPICS_DIRNAME)
-        if want_topic:
-            assert model is not None
-            if os.path.isdir(topics_out):
-                shutil.rmtree(topics_out)
-            model.save(topics_out)
-        _validate(s, cols)
-        if s.remote is not None:
-            _upload_labels(s, want_topic)
-        reports.append({'name': s.name, 'path': s.local, 'samples': s.num_samples,
-                        'shards': len(s.index['shards']), 'resumed': resumed[si],
-                        'labels': labels_dir(s.local)})
-    for si, s in enumerate(streams):
-        if not keep_work:
-            shutil.rmtree(os.path.join(labels_dir(s.local), WORK_DIRNAME), ignore_errors=True)
-    topic_info = None
-    if model is not None:
-        topic_info = {'k': model.k, **model.info}
-    return LabelReport(reports, columns, topic_info)
+        keys = ('domain_vocab', 'domain_ids', 'quality')
+        files = list(self._score_files(si, keys)) if self.needs_scores else []
+        if 'domain' in self.columns:
+            if self.domain_cols[si] is None:
+                cols['domain'] = categorical(np.zeros(s.num_samples, np.int64), vocab=[s.name])
+            else:
+                cols['domain'] = _merge_domains([(z['domain_vocab'], z['domain_ids']) for z in files])
+        if self.quality is not None:
+            cols['quality'] = score(np.concatenate([z['quality'] for z in files]))
+        if model is not None:
+            ids = [np.load(os.path.join(self.works[si], f'topic-{j:05d}.npy'), allow_pickle=False)
+                   for j in range(len(s.index['shards']))]
+            cols['topic'] = categorical(np.concatenate(ids).astype(np.int64), vocab=model.names)
+        return cols
+
+    def write(self, model: Optional[TopicModel]) -> list[dict[str, Any]]:
+        """Write each stream's columns (and topic model), validate them, upload if remote."""
+        reports = []
+        for si, s in enumerate(self.streams):
+            if index_fingerprint(s.local) != self.fingerprints[si]:
+                raise LabelingError(f'The index.json of stream {s.name} changed while it was being '
+                                    'labelled: its shards were rewritten; run mads label again.')
+            cols = self._columns(si, model)
+            write_labels(s.local, cols, merge=True)
+            if model is not None:
+                topics_out = os.path.join(labels_dir(s.local), TOPICS_DIRNAME)
+                if os.path.isdir(topics_out):
+                    shutil.rmtree(topics_out)
+                model.save(topics_out)
+            _validate(s, cols)
+            if s.remote is not None:
+                _upload_labels(s, model is not None)
+            reports.append({'name': s.name, 'path': s.local, 'samples': s.num_samples,
+                            'shards': len(s.index['shards']), 'resumed': self.resumed[si],
+                            'labels': labels_dir(s.local)})
+        return reports
 
 
 def _merge_domains(parts: list[tuple[NDArray, NDArray]]) -> LabelColumn:

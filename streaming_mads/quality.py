@@ -75,7 +75,7 @@ _BOILERPLATE = ('lorem ipsum', 'cookie', 'privacy policy', 'terms of use', 'term
                 'all rights reserved', 'click here', 'sign up', 'log in', 'subscribe',
                 'javascript', 'enable cookies', 'your browser', 'copyright \u00a9', '\u00a9 20')
 _SENTENCE_END_RE = re.compile(r'[.!?]["\')\u201d\u2019]?(\s|$)')
-_CODE_CHARS = frozenset('{}[]<>;=|\\')
+_CODE_CHARS = tuple('{}[]<>;=|\\')
 _CONTROL_RE = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]')
 
 
@@ -87,30 +87,33 @@ def _ramp(value: float, start: float, end: float, cap: float) -> float:
     return cap * min(1.0, max(0.0, t))
 
 
-def _top_ngram_fraction(words: list[str], n: int) -> float:
+def _ngram_counts(words: list[str], n: int) -> Counter:
+    return Counter(zip(*(words[i:] for i in range(n))))
+
+
+def _top_ngram_fraction(words: list[str], lengths: list[int], total: int, n: int) -> float:
     """Share of word characters covered by the most frequent word n-gram (Gopher)."""
     if len(words) < n + 1:
         return 0.0
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    gram, count = grams.most_common(1)[0]
+    gram, count = _ngram_counts(words, n).most_common(1)[0]
     if count < 2:
         return 0.0
-    total = sum(len(w) for w in words)
-    return count * sum(len(w) for w in gram) / max(total, 1)
+    return count * sum(map(len, gram)) / max(total, 1)
 
 
-def _dup_ngram_fraction(words: list[str], n: int = 5) -> float:
+def _dup_ngram_fraction(words: list[str], lengths: list[int], total: int, n: int = 5) -> float:
     """Share of word characters inside word n-grams that occur more than once (Gopher)."""
     if len(words) < 2 * n:
         return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = list(zip(*(words[i:] for i in range(n))))
     counts = Counter(grams)
+    if len(counts) == len(grams):
+        return 0.0
     covered = np.zeros(len(words), bool)
     for i, g in enumerate(grams):
         if counts[g] > 1:
             covered[i:i + n] = True
-    lengths = np.fromiter((len(w) for w in words), np.int64, len(words))
-    return float(lengths[covered].sum() / max(lengths.sum(), 1))
+    return float(np.asarray(lengths)[covered].sum() / max(total, 1))
 
 
 def quality_signals(text: str) -> dict[str, float]:
@@ -125,7 +128,7 @@ def quality_signals(text: str) -> dict[str, float]:
         return {'empty': 1.0}
     lower = [w.lower().strip('.,;:!?"\'()[]{}') for w in words]
     p['few_words'] = _ramp(n_words, 50, 3, 0.7)
-    mean_len = sum(len(w) for w in words) / n_words
+    mean_len = sum(map(len, words)) / n_words
     p['word_length'] = max(_ramp(mean_len, 3, 1.5, 0.6), _ramp(mean_len, 10, 16, 0.6))
     symbols = text.count('#') + text.count('...') + text.count('\u2026')
     p['symbols'] = _ramp(symbols / n_words, 0.05, 0.2, 0.5)
@@ -140,10 +143,13 @@ def quality_signals(text: str) -> dict[str, float]:
         line_counts = Counter(lines)
         dup_chars = sum(len(ln) * (c - 1) for ln, c in line_counts.items() if c > 1)
         p['dup_lines'] = _ramp(dup_chars / sum(len(ln) for ln in lines), 0.1, 0.4, 0.7)
-    top = max(_ramp(_top_ngram_fraction(lower, 2), 0.15, 0.35, 0.7),
-              _ramp(_top_ngram_fraction(lower, 3), 0.13, 0.33, 0.7),
-              _ramp(_top_ngram_fraction(lower, 4), 0.11, 0.31, 0.7))
-    p['ngram_repetition'] = max(top, _ramp(_dup_ngram_fraction(lower), 0.15, 0.5, 0.7))
+    lengths = list(map(len, lower))
+    total = sum(lengths)
+    top = max(_ramp(_top_ngram_fraction(lower, lengths, total, 2), 0.15, 0.35, 0.7),
+              _ramp(_top_ngram_fraction(lower, lengths, total, 3), 0.13, 0.33, 0.7),
+              _ramp(_top_ngram_fraction(lower, lengths, total, 4), 0.11, 0.31, 0.7))
+    p['ngram_repetition'] = max(top, _ramp(_dup_ngram_fraction(lower, lengths, total), 0.15, 0.5,
+                                           0.7))
     # The last line may be cut (a fixed-length chunk), so it is not judged; a text of one line is
     # judged by how many sentence ends it has instead.
     if len(lines) > 1:
@@ -155,14 +161,16 @@ def quality_signals(text: str) -> dict[str, float]:
     low = text.lower()
     boiler = sum(1 for ln in lines if any(b in ln.lower() for b in _BOILERPLATE)) / n_lines
     p['boilerplate'] = 0.9 if 'lorem ipsum' in low else _ramp(boiler, 0.0, 0.4, 0.7)
-    code = sum(1 for ch in text if ch in _CODE_CHARS) / n_chars
+    # Character classes, counted by C-level map() (a Python loop per character is 5x slower).
+    code = sum(map(text.count, _CODE_CHARS)) / n_chars
     p['code_symbols'] = _ramp(code, 0.01, 0.06, 0.4)
-    letters_spaces = sum(1 for ch in text if ch.isalpha() or ch.isspace()) / n_chars
+    letters = sum(map(str.isalpha, text))
+    letters_spaces = (letters + sum(map(str.isspace, text))) / n_chars
     p['garbled_chars'] = _ramp(letters_spaces, 0.85, 0.6, 0.8)
     p['bad_chars'] = _ramp(len(_CONTROL_RE.findall(text)) / n_chars, 0.0, 0.02, 0.9)
-    letters = [ch for ch in text if ch.isalpha()]
     if letters:
-        p['uppercase'] = _ramp(sum(1 for ch in letters if ch.isupper()) / len(letters), 0.3, 0.7, 0.6)
+        upper = sum(map(str.isupper, text))
+        p['uppercase'] = _ramp(upper / letters, 0.3, 0.7, 0.6)
     p['long_words'] = _ramp(sum(1 for w in words if len(w) > 25) / n_words, 0.01, 0.1, 0.5)
     return p
 

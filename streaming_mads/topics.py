@@ -119,13 +119,14 @@ def _projection(buckets: NDArray[np.int64], dim: int) -> tuple[NDArray[np.int64]
 def tfidf_embed(rows: TermRows, idf: NDArray[np.float32], dim: int = DEFAULT_DIM) -> NDArray[np.float32]:
     """L2-normalised hashed TF-IDF vectors (``len(rows) x dim``); a text with no terms gives 0."""
     n = len(rows)
-    out = np.zeros((n, dim), np.float32)
-    if len(rows.buckets):
-        row_of = np.repeat(np.arange(n), np.diff(rows.indptr))
-        weight = (1.0 + np.log(rows.counts)) * idf[rows.buckets]
-        cols, sign = _projection(rows.buckets, dim)
-        np.add.at(out, (row_of, cols), sign * weight)
-    return _normalize(out)
+    if not len(rows.buckets):
+        return np.zeros((n, dim), np.float32)
+    row_of = np.repeat(np.arange(n), np.diff(rows.indptr))
+    weight = (1.0 + np.log(rows.counts.astype(np.float64))) * idf[rows.buckets]
+    cols, sign = _projection(rows.buckets, dim)
+    # bincount sums in input order: deterministic, and far faster than np.add.at.
+    out = np.bincount(row_of * dim + cols, weights=sign * weight, minlength=n * dim)
+    return _normalize(out.reshape(n, dim))
 
 
 def _normalize(x: NDArray) -> NDArray[np.float32]:
@@ -233,12 +234,14 @@ class KMeansResult:
     inertia: float
 
 
-def _distances(x: NDArray, c: NDArray, metric: str) -> NDArray[np.float64]:
-    dots = x.astype(np.float64) @ c.astype(np.float64).T
+def _distances(x: NDArray, c: NDArray, metric: str) -> NDArray:
+    """Distances of every row of ``x`` to every centroid, in ``x``'s float type."""
+    x = np.asarray(x)
+    dots = x @ np.asarray(c, x.dtype).T
     if metric == 'cosine':
         return 1.0 - dots
-    xx = np.einsum('ij,ij->i', x, x, dtype=np.float64)[:, None]
-    cc = np.einsum('ij,ij->i', c, c, dtype=np.float64)[None, :]
+    xx = np.einsum('ij,ij->i', x, x)[:, None]
+    cc = np.einsum('ij,ij->i', c, c, dtype=x.dtype)[None, :]
     return np.maximum(xx - 2.0 * dots + cc, 0.0)
 
 
@@ -255,7 +258,7 @@ def _plusplus(x: NDArray, k: int, rng: np.random.Generator, metric: str) -> NDAr
     idx = [int(rng.integers(n))]
     closest = _distances(x, x[idx], metric)[:, 0]
     for _ in range(1, k):
-        weights = np.maximum(closest, 0.0)
+        weights = np.maximum(closest, 0.0).astype(np.float64)
         weights[idx] = 0.0
         total = weights.sum()
         if total <= 0:  # Fewer distinct points than k: take unused points in order.
@@ -264,7 +267,7 @@ def _plusplus(x: NDArray, k: int, rng: np.random.Generator, metric: str) -> NDAr
             nxt = int(rng.choice(n, p=weights / total))
         idx.append(nxt)
         closest = np.minimum(closest, _distances(x, x[[nxt]], metric)[:, 0])
-    return x[idx].astype(np.float64)
+    return x[idx].copy()
 
 
 def kmeans(x: NDArray, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int = 100,
@@ -294,35 +297,38 @@ def kmeans(x: NDArray, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int 
                          'to at most the number of samples, or label more data.')
     if metric == 'cosine':
         x = _normalize(x)
+    n = len(x)
     best: Optional[KMeansResult] = None
     for run in range(n_init):
         rng = np.random.default_rng([seed, run])
         c = _plusplus(x, k, rng, metric)
+        labels = np.full(n, -1)
         for _ in range(max_iter):
             dist = _distances(x, c, metric)
-            labels = dist.argmin(1)
-            mins = dist[np.arange(len(x)), labels]
-            new = np.zeros_like(c)
-            np.add.at(new, labels, x.astype(np.float64))
+            old_labels, labels = labels, dist.argmin(1)
+            if np.array_equal(labels, old_labels):
+                break  # Converged: the centroids would not move.
+            mins = dist[np.arange(n), labels]
+            onehot = np.zeros((n, k), x.dtype)
+            onehot[np.arange(n), labels] = 1.0
+            new = (x.T @ onehot).T.astype(np.float64)  # Cluster sums (this order is BLAS-fast).
             sizes = np.bincount(labels, minlength=k)
-            taken: set[int] = set()
-            for j in np.flatnonzero(sizes == 0):
-                order = np.argsort(-mins, kind='stable')
-                far = int(next(i for i in order if i not in taken))
-                taken.add(far)
-                new[j] = x[far]
-                sizes[j] = 1
+            empty = np.flatnonzero(sizes == 0)
+            if len(empty):  # Re-seed with the points farthest from their centroids.
+                far = np.argsort(-mins, kind='stable')[:len(empty)]
+                new[empty] = x[far]
+                sizes[empty] = 1
             new /= sizes[:, None]
             if metric == 'cosine':
                 norms = np.linalg.norm(new, axis=1, keepdims=True)
                 new = new / np.where(norms > 0, norms, 1.0)
             shift = float(np.abs(new - c).max())
-            c = new
+            c = new.astype(np.float32)
             if shift <= tol:
                 break
         dist = _distances(x, c, metric)
         labels = dist.argmin(1)
-        inertia = float(dist[np.arange(len(x)), labels].sum())
+        inertia = float(dist[np.arange(n), labels].sum(dtype=np.float64))
         if best is None or inertia < best.inertia - 1e-9:
             best = KMeansResult(c.astype(np.float32), labels.astype(np.int64), inertia)
     assert best is not None

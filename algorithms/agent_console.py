@@ -1,0 +1,181 @@
+"""AgentConsole: the Composer algorithm that runs MADS' agent console inside a training run.
+
+Thin by design: :meth:`AgentConsole.match` decides *when* (fit start; the end of a batch at which
+a weight version is due) and :meth:`AgentConsole.apply` wires Composer's state (model, train
+dataloader, device, logger) into :class:`streaming_mads.console.Console`, which holds the logic.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import reproducibility
+from torch.utils.data import DataLoader, Dataset
+
+from streaming_mads.console import Console, ConsoleConfig, prefetch_depth
+from streaming_mads.dataset import MADSDataset
+from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss
+
+__all__ = ['AgentConsole', 'find_mads_dataset', 'load_reference']
+
+ReferenceSource = Union[str, Dataset, Sequence[dict]]
+
+
+def find_mads_dataset(dataloader: Any) -> MADSDataset:
+    """The :class:`MADSDataset` behind a (Composer) train dataloader, or a clear error."""
+    dataset = getattr(dataloader, 'dataset', None)
+    if not isinstance(dataset, MADSDataset):
+        raise TypeError(f'AgentConsole needs the train dataloader\'s dataset to be a '
+                        f'streaming_mads.MADSDataset, found {type(dataset).__name__}. Use '
+                        f'MADSDataset (YAML: train_loader.name: mads) or drop the mads_console '
+                        f'algorithm for a plain baseline.')
+    return dataset
+
+
+def load_reference(source: ReferenceSource, size: int, split: Optional[str] = None,
+                   local: Optional[str] = None) -> list[dict]:
+    """``size`` reference samples, evenly spaced over the source.
+
+    Args:
+        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming),
+            a map-style dataset, or a list of sample dicts. Samples must have the training
+            samples' form (same columns and tokenisation) since the train collate builds batches.
+        size (int): How many samples.
+        split (str, optional): MDS split.
+        local (str, optional): Cache directory for a remote MDS source (default: a temp dir).
+    """
+    if isinstance(source, str):
+        from streaming import StreamingDataset
+        is_remote = '://' in source
+        if not is_remote and not os.path.isfile(os.path.join(source, split or '', 'index.json')):
+            raise FileNotFoundError(f'mads_console reference {source!r} is not an MDS dataset (no '
+                                    f'index.json): write the reference set with `mads convert` '
+                                    f'using the training tokenizer.')
+        ds = StreamingDataset(remote=source if is_remote else None,
+                              local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
+                              if is_remote else source,
+                              split=split, batch_size=1)
+        ids = np.unique(np.linspace(0, ds.num_samples - 1, min(size, ds.num_samples)).astype(int))
+        samples = [ds[int(i)] for i in ids]
+        del ds
+        return samples
+    n = len(source)  # type: ignore[arg-type]
+    ids = np.unique(np.linspace(0, n - 1, min(size, n)).astype(int)) if n else []
+    return [source[int(i)] for i in ids]  # type: ignore[index]
+
+
+class AgentConsole(Algorithm):
+    """MADS' agent console: measures data influence on the live model and steers MADSDataset.
+
+    At ``FIT_START`` it finds the :class:`MADSDataset` of the train dataloader, checks the lead
+    against the DataLoader's prefetch depth and publishes version 0 (or, on resume, every version
+    the checkpoint still needs). At the end of batch ``v·W − L`` it runs one update (probe
+    influence, memories, θ) and publishes version ``v`` for batches ``[v·W, (v+1)·W)``.
+
+    Args:
+        reference (ReferenceSource): The reference set (see :func:`load_reference`).
+        update_interval (int): ``W``, batches per version. Defaults to ``100``.
+        lead (int, optional): ``L``; ``None`` = prefetch depth + 1. Defaults to ``None``.
+        probe_size (int): Probe samples per update over all ranks. Defaults to ``64``.
+        probe_pool (int): Candidates the stratified probe is drawn from. Defaults to ``4096``.
+        reference_size (int): Reference samples per update over all ranks. Defaults to ``32``.
+        lr_memory (float): Memory learning rate ``η``. Defaults to ``0.5``.
+        lr_theta (float): θ learning rate ``η_θ``. Defaults to ``1.0``.
+        memory_floor (float): Smallest memory weight / mean. Defaults to ``0.05``.
+        memory_cap (float): Largest memory weight / mean. Defaults to ``20``.
+        theta_floor (float): Smallest θ share. Defaults to ``0.05``.
+        seed (int): Probe seed. Defaults to ``0``.
+        reference_split (str, optional): MDS split of the reference. Defaults to ``None``.
+        reference_local (str, optional): Cache dir for a remote reference. Defaults to ``None``.
+        loss_fn (PerSampleLoss, optional): Per-sample loss adapter ``(model, batch) ->
+            Tensor[B]``. Defaults to the causal-LM adapter.
+        collate_fn (Callable, optional): Builds a model batch from sample dicts. Defaults to the
+            train dataloader's ``collate_fn``.
+    """
+
+    def __init__(self,
+                 reference: ReferenceSource,
+                 update_interval: int = 100,
+                 lead: Optional[int] = None,
+                 probe_size: int = 64,
+                 probe_pool: int = 4096,
+                 reference_size: int = 32,
+                 lr_memory: float = 0.5,
+                 lr_theta: float = 1.0,
+                 memory_floor: float = 0.05,
+                 memory_cap: float = 20.0,
+                 theta_floor: float = 0.05,
+                 seed: int = 0,
+                 reference_split: Optional[str] = None,
+                 reference_local: Optional[str] = None,
+                 loss_fn: Optional[PerSampleLoss] = None,
+                 collate_fn: Optional[Callable[[list], Any]] = None) -> None:
+        self.config = ConsoleConfig(update_interval=update_interval, lead=lead,
+                                    probe_size=probe_size, probe_pool=probe_pool,
+                                    reference_size=reference_size, lr_memory=lr_memory,
+                                    lr_theta=lr_theta, memory_floor=memory_floor,
+                                    memory_cap=memory_cap, theta_floor=theta_floor, seed=seed)
+        self.reference = reference
+        self.reference_split = reference_split
+        self.reference_local = reference_local
+        self.collate_fn = collate_fn
+        self._state: Optional[State] = None
+        self._resume_rng: Optional[list] = None
+        self.console = Console(self.config, self._make_batch, loss_fn or causal_lm_per_sample_loss)
+
+    def __repr__(self) -> str:
+        return f'AgentConsole(update_interval={self.config.update_interval})'
+
+    def _make_batch(self, samples: Sequence[dict]) -> Any:
+        assert self._state is not None and self.collate_fn is not None
+        return self._state.device.batch_to_device(self.collate_fn(list(samples)))
+
+    def match(self, event: Event, state: State) -> bool:
+        if event == Event.FIT_START:
+            return True
+        if event == Event.AFTER_DATALOADER:
+            return self._resume_rng is not None
+        return event == Event.BATCH_END and \
+            self.console.due(int(state.timestamp.batch.value)) is not None
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            dataloader = state.train_dataloader
+            dataset = find_mads_dataset(dataloader)
+            self._state = state
+            if self.collate_fn is None:
+                self.collate_fn = getattr(dataloader, 'collate_fn', None) or \
+                    DataLoader([]).collate_fn
+            reference = load_reference(self.reference, self.config.reference_size,
+                                       self.reference_split, self.reference_local)
+            self.console.attach(dataset, prefetch_depth(dataloader), reference)
+            logger.log_hyperparameters({f'mads/{k}': v for k, v in vars(self.config).items()})
+            if int(state.timestamp.batch_in_epoch) == 0:
+                self._resume_rng = None  # Composer restores the RNG itself at epoch starts.
+            return
+        if event == Event.AFTER_DATALOADER:
+            # Composer restores the RNG on mid-epoch resumption only when it spins the dataloader,
+            # not with Streaming's own resumption; restoring it here, right before the first
+            # resumed forward, makes dropout (and so influence and weights) continue exactly.
+            reproducibility.load_rng_state(self._resume_rng)
+            self._resume_rng = None
+            return
+        batches_done = int(state.timestamp.batch.value)
+        while (version := self.console.due(batches_done)) is not None:
+            _, metrics = self.console.step(state.model, version)
+            logger.log_metrics(metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        # get_rng_state gathers every rank's RNG: Composer calls state_dict on all ranks.
+        return {**super().state_dict(), 'console': self.console.state_dict(),
+                'rng': reproducibility.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if 'console' in state:
+            self.console.load_state_dict(state['console'])
+        self._resume_rng = state.get('rng')
