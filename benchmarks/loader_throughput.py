@@ -18,25 +18,12 @@ import os
 import tempfile
 import time
 
-import numpy as np
-from streaming import MDSWriter, StreamingDataset
+from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
-from streaming_mads import MADSDataset, categorical, score, write_labels
+from common import build_token_corpus
 
-
-def build(out: str, samples: int, seq_len: int) -> None:
-    """Token samples with domain/quality/topic labels, as ``mads convert`` + ``mads label`` make."""
-    rng = np.random.default_rng(0)
-    with MDSWriter(out=out, columns={'tokens': 'ndarray:uint16'}, compression='zstd',
-                   size_limit=1 << 24) as writer:
-        for _ in range(samples):
-            writer.write({'tokens': rng.integers(0, 50000, seq_len, dtype=np.uint16)})
-    write_labels(out, {
-        'domain': categorical(rng.integers(0, 7, samples), [f'd{i}' for i in range(7)]),
-        'quality': score(rng.uniform(0, 5, samples)),
-        'topic': categorical(rng.integers(0, 13, samples), [f't{i:02d}' for i in range(13)]),
-    })
+from streaming_mads import MADSDataset
 
 
 def measure(make, batch_size: int, workers: int) -> tuple[float, int]:
@@ -66,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, 'data')
         t0 = time.perf_counter()
-        build(data, args.samples, args.seq_len)
+        build_token_corpus(data, args.samples, args.seq_len)
         print(f'wrote {args.samples} samples x {args.seq_len} tokens in '
               f'{time.perf_counter() - t0:.1f}s')
         common = dict(local=data, batch_size=args.batch_size, shuffle=True, shuffle_seed=1)

@@ -23,9 +23,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streaming_mads.labeling import LabelingError
     from streaming_mads.labels import LabelError
     from streaming_mads.quality import QualityError
-    from streaming_mads.tokenize import TokenizerError
+    from streaming_mads.tokenizer import TokenizerError
     from streaming_mads.topics import TopicError
-    return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError)
+    from streaming_mads.train import ConfigError
+    return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError,
+            ConfigError)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -152,6 +154,33 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument('config', help='run YAML (see yamls/ and docs/configuration.md)')
+    p.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
+                   help='overrides such as max_duration=200ba train_loader.dataset.pool_ratio=4')
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from streaming_mads.train import train
+    train(args.config, args.overrides)
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--out', default='mads-demo', help='output folder (default ./mads-demo)')
+    p.add_argument('--budget', help='training duration of each run, e.g. 200ba (default: the '
+                   'YAMLs\' max_duration)')
+    p.add_argument('--rebuild', action='store_true', help='rebuild the corpus even if present')
+    _add_progress(p)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from streaming_mads.demo import run_demo
+    run_demo(args.out, budget=args.budget, progress=not args.no_progress,
+             reuse_data=not args.rebuild)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Registration.
 
@@ -176,6 +205,10 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand('label', 'write sidecar domain / quality / topic labels of an MDS dataset',
                _add_label, _run_label),
     Subcommand('inspect', 'label distributions per column and stream', _add_inspect, _run_inspect),
+    Subcommand('train', 'train from a YAML run config with Composer (MADS or uniform baseline)',
+               _add_train, _run_train),
+    Subcommand('demo', 'the main job: embedded corpus, convert, label, train MADS vs uniform',
+               _add_demo, _run_demo),
 ]
 
 
@@ -183,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mads`` argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
         prog='mads', description='Multi-agent data selection (MADS) for MosaicML Streaming: '
-        'prepare and label datasets.')
+        'prepare and label datasets, and train.')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for cmd in SUBCOMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

@@ -41,7 +41,7 @@ from typing import IO, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.tokenize import (TOKENIZER_DIRNAME, Tokenizer, load_tokenizer, token_dtype,
+from streaming_mads.tokenizer import (TOKENIZER_DIRNAME, Tokenizer, load_tokenizer, token_dtype,
                                      train_bpe)
 
 __all__ = [
@@ -127,8 +127,8 @@ class ConvertSummary:
         rows.append(('total', str(tot.documents), str(tot.samples), str(tot.tokens),
                      str(tot.dropped_tokens)))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, '-' * len(lines[0]))
         lines.insert(len(lines) - 1, '-' * len(lines[0]))
         return '\n'.join(lines)

@@ -344,6 +344,14 @@ def _ghost_dot(call: _Call, dy: Tensor, grads: ReferenceGradient, batch_size: in
     dy = dy.to(dtype)
     score = dy.new_zeros(batch_size)
 
+    if call.kind == _EMBEDDING and x.is_floating_point():
+        # A tied embedding called as the output layer (e.g. llm-foundry's SharedEmbedding with
+        # unembed=True computes x @ W^T): the linear rule with the embedding matrix as W.
+        if g_weight is None:
+            return score
+        x = x.to(dtype).reshape(batch_size, -1, x.shape[-1])
+        return _dense_dot(x, dy.reshape(batch_size, -1, dy.shape[-1]), g_weight.to(dtype).T)
+
     if call.kind == _EMBEDDING:
         if g_weight is None:
             return score

@@ -46,7 +46,7 @@ from streaming_mads.labels import (LABELS_DIRNAME, MANIFEST_NAME, LabelColumn, L
                                    StreamLabels, categorical, index_fingerprint, labels_dir, score,
                                    write_labels)
 from streaming_mads.quality import DEFAULT_SCORER, load_scorer, score_texts
-from streaming_mads.tokenize import (TOKENIZER_DIRNAME, Tokenizer, load_tokenizer,
+from streaming_mads.tokenizer import (TOKENIZER_DIRNAME, Tokenizer, load_tokenizer,
                                      tokenizer_from_record)
 from streaming_mads.topics import (NUM_BUCKETS, TermRows, TopicModel, idf_from_df, kmeans,
                                    resolve_embedder, term_rows, tfidf_embed, top_terms, topic_names)
@@ -133,8 +133,10 @@ def _read_index(split_dir: str, name: str) -> dict[str, Any]:
     return index
 
 
-def discover_streams(dataset: str, local: Optional[str] = None,
-                     split: Optional[str] = None) -> tuple[list[StreamRef], Optional[dict[str, Any]], str]:
+def discover_streams(
+        dataset: str,
+        local: Optional[str] = None,
+        split: Optional[str] = None) -> tuple[list[StreamRef], Optional[dict[str, Any]], str]:
     """Find the streams of ``dataset``.
 
     A directory with ``index.json`` is one stream; one with ``mads_convert.json`` has the streams it
@@ -534,7 +536,8 @@ def _text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_c
                             'text from a "str" column or token ids from an "ndarray" column.')
     if tokenizer is not None:
         load_tokenizer(tokenizer)  # Fail early, in the main process.
-        return _TextSpec(col, True, (tokenizer if tokenizer == 'bytes' else os.path.abspath(tokenizer), ''))
+        spec = tokenizer if tokenizer == 'bytes' else os.path.abspath(tokenizer)
+        return _TextSpec(col, True, (spec, ''))
     record = (info or {}).get('tokenizer')
     if not record:
         raise LabelingError(f'Stream {ref.name} holds token ids but no tokenizer is known (no '
@@ -861,13 +864,14 @@ def _validate(s: StreamRef, cols: dict[str, LabelColumn]) -> None:
         arr = np.asarray(labels.array(name))
         entry = labels.columns[name]
         if col.vocab is not None:
-            ok = tuple(entry['values']) == col.vocab and np.array_equal(arr.astype(np.int64), col.values)
+            ok = (tuple(entry['values']) == col.vocab and
+                  np.array_equal(arr.astype(np.int64), col.values))
         else:
             ok = np.array_equal(arr, col.values.astype(np.float32))
         if not ok:
             raise LabelError(f'Label column {name!r} of stream {s.name} does not read back as '
-                             f'written (disk full, or another process writing {labels_dir(s.local)}?): '
-                             're-run mads label.')
+                             'written (disk full, or another process writing '
+                             f'{labels_dir(s.local)}?): re-run mads label.')
 
 
 def _upload_labels(s: StreamRef, topics: bool) -> None:

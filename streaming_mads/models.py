@@ -46,4 +46,7 @@ def build_causal_lm(vocab_size: int, max_seq_len: int, preset: Optional[str] = '
         raise ValueError(f'Unknown model family {family!r}: use gpt2 or llama.')
     if seed is not None:
         torch.manual_seed(seed)
-    return HuggingFaceModel(cls(config), tokenizer=None, use_logits=True, shift_labels=True)
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+    return HuggingFaceModel(cls(config), tokenizer=None, use_logits=True, shift_labels=True,
+                            metrics=[LanguageCrossEntropy()],
+                            eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()])

@@ -274,8 +274,10 @@ def kmeans(x: NDArray, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int 
            tol: float = 1e-6, metric: str = 'cosine') -> KMeansResult:
     """Lloyd's k-means with k-means++ seeding; the best of ``n_init`` seeded restarts.
 
-    Deterministic for the same ``x`` and ``seed``. An empty cluster is re-seeded with the point
-    farthest from its centroid, so every cluster keeps members.
+    Deterministic for the same ``x`` and ``seed`` (on the same BLAS). Iterations stop when no
+    assignment changes or no centroid moves more than ``tol``. An empty cluster is re-seeded with
+    the point farthest from its centroid, so every cluster keeps members. Computed in float32 (the
+    embeddings' precision); centroid means are accumulated in float64.
 
     Args:
         x (NDArray): Points, ``n x d``. Rows are L2-normalised first when ``metric='cosine'``.
@@ -283,7 +285,8 @@ def kmeans(x: NDArray, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int 
         seed (int): Seed of the k-means++ draws. Defaults to ``0``.
         n_init (int): Restarts; the lowest inertia wins. Defaults to ``4``.
         max_iter (int): Lloyd iterations per restart. Defaults to ``100``.
-        tol (float): Stop when no centroid moves more than this. Defaults to ``1e-6``.
+        tol (float): Stop when no centroid coordinate moves more than this. Defaults to
+            ``1e-6``.
         metric (str): ``'cosine'`` (spherical k-means) or ``'euclidean'``. Defaults to
             ``'cosine'``.
     """

@@ -8,7 +8,7 @@ import pytest
 
 from streaming_mads.cli import main
 from streaming_mads.convert import ConvertError, Input, convert, parse_input, read_convert_info
-from streaming_mads.tokenize import ByteTokenizer, load_tokenizer, tokenizer_from_record
+from streaming_mads.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_from_record
 
 EOS = 256  # ByteTokenizer.
 
@@ -171,6 +171,9 @@ def test_convert_bad_inputs(tmp_path, capsys):
     (tmp_path / 'latin1.txt').write_bytes('caf\u00e9 cr\u00e8me br\u00fbl\u00e9e'.encode('latin-1'))
     err = _cli_error(capsys, str(tmp_path / 'latin1.txt'), '-o', out)
     assert 'latin1.txt: not valid UTF-8' in err and '--encoding-errors replace' in err
+    (tmp_path / 'latin1.jsonl').write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    err = _cli_error(capsys, str(tmp_path / 'latin1.jsonl'), '-o', out)
+    assert 'latin1.jsonl:2: not valid UTF-8 (byte 0xe9' in err
     err = _cli_error(capsys, str(tmp_path / 'wiki.jsonl'), '-o', out, '--seq-len', '100000')
     assert 'fewer than one sample of --seq-len 100000' in err
     err = _cli_error(capsys, str(tmp_path / 'wiki.jsonl'), '-o', out, '--tokenizer', 'gpt2')
@@ -189,3 +192,19 @@ def test_bytes_tokenizer_segments():
     ids = np.concatenate([tok.encode_batch(['ab'])[0], [EOS], tok.encode_batch(['c\u00e9'])[0], [EOS]])
     assert tok.decode_segments(ids) == ['ab', 'c\u00e9']
     assert tok.decode_segments(np.asarray([EOS, EOS])) == ['']
+
+
+def test_tokenizer_file_padding_is_ignored(tmp_path):
+    """A tokenizer.json saved with padding/truncation (as sentence-embedding ones are) must still
+    encode whole documents."""
+    from streaming_mads.tokenizer import train_bpe
+    tok = train_bpe(['the cat sat on the mat'] * 20, vocab_size=300)
+    tok.tok.enable_padding(length=64)
+    tok.tok.enable_truncation(max_length=4)
+    path = tmp_path / 'tokenizer.json'
+    path.write_text(tok.tok.to_str())
+    loaded = load_tokenizer(str(path))
+    text = 'the cat sat on the mat and the dog sat too'
+    ids = loaded.encode_batch([text])[0]
+    assert 4 < len(ids) < 64
+    assert loaded.decode_batch([ids]) == [text]

@@ -224,6 +224,37 @@ def test_custom_embedding_linear_layernorm(tied: bool, padding_idx) -> None:
     assert_close_to_brute(ghost, brute_force(model, probe, grads))
 
 
+class SharedEmbedding(nn.Embedding):
+    """llm-foundry's tied embedding: ``unembed=True`` reuses the matrix as the output layer."""
+
+    def forward(self, input: Tensor, unembed: bool = False) -> Tensor:
+        return F.linear(input, self.weight) if unembed else super().forward(input)
+
+
+class SharedEmbeddingLM(nn.Module):
+    def __init__(self, vocab: int = 23, dim: int = 8) -> None:
+        super().__init__()
+        self.wte = SharedEmbedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor = None) -> Tensor:
+        h = torch.tanh(self.mlp(self.norm(self.wte(input_ids))))
+        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return self.wte(h.cumsum(1) / steps, unembed=True)
+
+
+def test_shared_embedding_called_as_output_layer() -> None:
+    torch.manual_seed(7)
+    model = SharedEmbeddingLM().to(torch.float64)
+    assert set(covered_parameters(model)) == set(model.parameters())
+    probe = lm_batch(16, seed=8, vocab=23)
+    reference = lm_batch(4, seed=9, vocab=23)
+    grads = reference_gradient(model, reference)
+    ghost = compute_influence(model, probe, reference, verify=True)
+    assert_close_to_brute(ghost, brute_force(model, probe, grads))
+
+
 def test_custom_loss_adapter_and_2d_activations() -> None:
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 3)).double()

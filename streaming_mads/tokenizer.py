@@ -135,6 +135,10 @@ class TokenizersTokenizer(Tokenizer):
 
     def __init__(self, tokenizer: Any, eos_token: Optional[str] = None, where: str = 'tokenizer') -> None:
         self.tok = tokenizer
+        # Whole documents are encoded and then chunked by us: a file's own padding or truncation
+        # (e.g. a sentence-embedding tokenizer padded to 128) would corrupt the stream.
+        self.tok.no_padding()
+        self.tok.no_truncation()
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
         self.eos_id = _find_eos(tokenizer.get_vocab(with_added_tokens=True), eos_token, where)
         self.eos_token = tokenizer.id_to_token(self.eos_id)
@@ -196,7 +200,7 @@ class TransformersTokenizer(Tokenizer):
         return self.tok.batch_decode([np.asarray(s).tolist() for s in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> dict[str, Any]:
-        files = sorted(self.tok.save_pretrained(directory))
+        files = [f for f in self.tok.save_pretrained(directory) if os.path.isfile(f)]
         rel = os.path.basename(os.path.normpath(directory))
         return {'kind': self.kind, 'path': rel,
                 'files': sorted(os.path.relpath(f, directory) for f in files),

@@ -1,0 +1,310 @@
+"""``mads train CONFIG.yaml [key=value ...]``: a Composer Trainer from an llm-foundry-style YAML.
+
+The YAML names the model (a Hugging Face causal LM built from a config, random init), the
+``train_loader`` (``name: mads`` for :class:`MADSDataset`, ``name: streaming`` for the uniform
+baseline), optional ``eval_loaders`` (reference and per-domain held-out sets, evaluated for loss
+and perplexity at ``eval_interval``), ``algorithms: {mads_console: {...}}``, optimizer, scheduler,
+duration, loggers, callbacks, checkpointing and FSDP settings passed to Composer. Command-line
+``key.sub=value`` overrides are parsed as YAML values. Every error names the offending key.
+
+Under ``composer -n N -m streaming_mads.cli train CONFIG.yaml`` each process builds the same
+Trainer; Composer sets up torch.distributed (gloo on CPU, nccl on GPU) and Streaming partitions
+the data across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import yaml
+
+__all__ = ['ConfigError', 'load_config', 'apply_overrides', 'build_trainer', 'train']
+
+TOP_LEVEL = {
+    'run_name', 'seed', 'max_seq_len', 'model', 'tokenizer', 'train_loader', 'eval_loaders',
+    'eval_interval', 'eval_subset_num_batches', 'algorithms', 'optimizer', 'scheduler',
+    'max_duration', 'global_train_batch_size', 'device_train_microbatch_size', 'device',
+    'precision', 'loggers', 'callbacks', 'progress_bar', 'log_to_console', 'console_log_interval',
+    'save_folder', 'save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite', 'load_path',
+    'autoresume', 'fsdp_config', 'dist_timeout', 'python_log_level', 'variables'
+}
+REQUIRED = ('max_seq_len', 'model', 'train_loader', 'max_duration', 'global_train_batch_size')
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message names the key."""
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML run config and apply ``key.sub=value`` overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'Config file {path!r} does not exist.')
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f'{path} is not valid YAML: {err}') from err
+    if not isinstance(cfg, dict):
+        raise ConfigError(f'{path} must hold a mapping of settings at the top level.')
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``cfg`` with each ``a.b.c=value`` set (``value`` parsed as YAML)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'Override {item!r} must look like key.sub=value.')
+        key, raw = item.split('=', 1)
+        node = cfg
+        parts = key.split('.')
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f'Override {key}: {part!r} is not a mapping.')
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return cfg
+
+
+def _section(cfg: dict[str, Any], key: str, required: bool = False) -> dict[str, Any]:
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f'Missing required key {key!r}.')
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f'{key!r} must be a mapping, got {type(value).__name__}.')
+    return dict(value)
+
+
+def _call(where: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f'{where}: {err}') from err
+
+
+def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any]) -> int:
+    """``model.vocab_size``, else the tokenizer recorded by ``mads convert`` next to the data."""
+    if 'vocab_size' in model_cfg:
+        return int(model_cfg.pop('vocab_size'))
+    tok = _section(cfg, 'tokenizer')
+    if 'vocab_size' in tok:
+        return int(tok['vocab_size'])
+    roots = []
+    dataset = _section(cfg['train_loader'], 'dataset')
+    if dataset.get('local'):
+        roots.append(dataset['local'])
+    for stream in (dataset.get('streams') or {}).values():
+        if isinstance(stream, dict) and stream.get('local'):
+            roots += [stream['local'], os.path.dirname(os.path.normpath(stream['local']))]
+    for root in roots:
+        info = os.path.join(root, 'mads_convert.json')
+        if os.path.isfile(info):
+            with open(info) as f:
+                record = json.load(f)
+            size = record.get('tokenizer', {}).get('vocab_size') or record.get('vocab_size')
+            if size:
+                return int(size)
+    raise ConfigError('model.vocab_size is not set and no mads_convert.json beside the training '
+                      'data names a tokenizer: set model.vocab_size.')
+
+
+def _streams(dataset: dict[str, Any]) -> dict[str, Any]:
+    from streaming import Stream
+    streams = dataset.pop('streams', None)
+    if streams is None:
+        return dataset
+    if not isinstance(streams, dict):
+        raise ConfigError('train_loader.dataset.streams must map stream names to '
+                          '{remote, local, split, proportion, repeat, choose}.')
+    dataset['streams'] = [
+        _call(f'train_loader.dataset.streams.{name}', Stream, dict(spec or {}))
+        for name, spec in streams.items()
+    ]
+    return dataset
+
+
+def _train_loader(cfg: dict[str, Any], device_batch: int) -> Any:
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+
+    from streaming_mads.collate import TokenCollator
+    from streaming_mads.dataset import MADSDataset
+
+    loader = _section(cfg, 'train_loader', required=True)
+    name = loader.pop('name', 'mads')
+    dataset_cfg = _streams(_section(loader, 'dataset', required=True))
+    loader.pop('dataset')
+    column = dataset_cfg.pop('tokens_column', 'tokens')
+    if name == 'mads':
+        dataset = _call('train_loader.dataset', MADSDataset, {'batch_size': device_batch,
+                                                              **dataset_cfg})
+    elif name == 'streaming':
+        for key in ('pool_ratio', 'temperature', 'agents', 'selection_seed'):
+            if key in dataset_cfg:
+                raise ConfigError(f'train_loader.dataset.{key} only applies to name: mads.')
+        dataset = _call('train_loader.dataset', StreamingDataset, {'batch_size': device_batch,
+                                                                   **dataset_cfg})
+    else:
+        raise ConfigError(f'train_loader.name must be mads or streaming, got {name!r}.')
+    return _call('train_loader', DataLoader, {'dataset': dataset, 'batch_size': device_batch,
+                                              'collate_fn': TokenCollator(column), **loader})
+
+
+def _eval_loaders(cfg: dict[str, Any], device_batch: int) -> list[Any]:
+    from composer.core import Evaluator
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+
+    from streaming_mads.collate import TokenCollator
+    specs = cfg.get('eval_loaders') or []
+    if not isinstance(specs, list):
+        raise ConfigError('eval_loaders must be a list of {label, dataset: {...}}.')
+    out = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        label = spec.pop('label', None)
+        if not label:
+            raise ConfigError(f'eval_loaders[{i}] needs a label.')
+        dataset_cfg = dict(spec.pop('dataset', None) or {})
+        if not dataset_cfg:
+            raise ConfigError(f'eval_loaders[{i}] ({label}) needs a dataset.')
+        column = dataset_cfg.pop('tokens_column', 'tokens')
+        batch = spec.pop('batch_size', device_batch)
+        dataset = _call(f'eval_loaders[{i}].dataset', StreamingDataset,
+                        {'batch_size': batch, 'shuffle': False, **dataset_cfg})
+        loader = _call(f'eval_loaders[{i}]', DataLoader,
+                       {'dataset': dataset, 'batch_size': batch,
+                        'collate_fn': TokenCollator(column), **spec})
+        out.append(Evaluator(label=label, dataloader=loader,
+                             metric_names=['LanguageCrossEntropy', 'LanguagePerplexity']))
+    return out
+
+
+def _optimizer(cfg: dict[str, Any], model: Any) -> Any:
+    import torch
+    from composer.optim import DecoupledAdamW
+    opt = _section(cfg, 'optimizer') or {'name': 'decoupled_adamw', 'lr': 1e-3}
+    name = opt.pop('name', 'decoupled_adamw')
+    classes = {'adamw': torch.optim.AdamW, 'decoupled_adamw': DecoupledAdamW,
+               'sgd': torch.optim.SGD}
+    if name not in classes:
+        raise ConfigError(f'optimizer.name {name!r} is not one of {sorted(classes)}.')
+    if 'betas' in opt:
+        opt['betas'] = tuple(opt['betas'])
+    return _call('optimizer', classes[name], {'params': model.parameters(), **opt})
+
+
+def _scheduler(cfg: dict[str, Any]) -> Optional[Any]:
+    from composer import optim
+    sched = _section(cfg, 'scheduler')
+    if not sched:
+        return None
+    name = sched.pop('name', None)
+    classes = {'constant': optim.ConstantScheduler,
+               'constant_with_warmup': optim.ConstantWithWarmupScheduler,
+               'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
+               'linear_with_warmup': optim.LinearWithWarmupScheduler,
+               'cosine': optim.CosineAnnealingScheduler}
+    if name not in classes:
+        raise ConfigError(f'scheduler.name {name!r} is not one of {sorted(classes)}.')
+    return _call('scheduler', classes[name], sched)
+
+
+def _named(section: str, cfg: dict[str, Any], classes: dict[str, Any]) -> list[Any]:
+    out = []
+    for name, kwargs in _section(cfg, section).items():
+        if name not in classes:
+            raise ConfigError(f'{section}.{name} is not one of {sorted(classes)}.')
+        out.append(_call(f'{section}.{name}', classes[name], dict(kwargs or {})))
+    return out
+
+
+def _algorithms(cfg: dict[str, Any]) -> list[Any]:
+    from algorithms import AgentConsole
+    algos = _section(cfg, 'algorithms')
+    unknown = set(algos) - {'mads_console'}
+    if unknown:
+        raise ConfigError(f'algorithms.{sorted(unknown)[0]} is unknown: the algorithm here is '
+                          'mads_console.')
+    if 'mads_console' not in algos:
+        return []
+    console = dict(algos['mads_console'] or {})
+    if 'reference' not in console:
+        raise ConfigError('algorithms.mads_console.reference is required (an MDS reference set).')
+    return [_call('algorithms.mads_console', AgentConsole, console)]
+
+
+def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
+                  extra_callbacks: Sequence[Any] = ()) -> Any:
+    """A Composer ``Trainer`` for the run config ``cfg`` (see the module docstring)."""
+    from composer import Trainer, callbacks, loggers
+    from composer.utils import dist, reproducibility
+
+    from streaming_mads.models import build_causal_lm
+
+    unknown = set(cfg) - TOP_LEVEL
+    if unknown:
+        raise ConfigError(f'Unknown top-level key {sorted(unknown)[0]!r}; known keys: '
+                          f'{sorted(TOP_LEVEL)}.')
+    for key in REQUIRED:
+        if key not in cfg:
+            raise ConfigError(f'Missing required key {key!r}.')
+    seed = int(cfg.get('seed', 17))
+    reproducibility.seed_all(seed)
+    device = cfg.get('device', 'cpu')
+    if not dist.is_initialized() and dist.get_world_size() > 1:
+        dist.initialize_dist(device, timeout=float(cfg.get('dist_timeout', 300)))
+    world = dist.get_world_size()
+    global_batch = int(cfg['global_train_batch_size'])
+    if global_batch % world:
+        raise ConfigError(f'global_train_batch_size={global_batch} is not divisible by the '
+                          f'{world} ranks.')
+    device_batch = global_batch // world
+    max_seq_len = int(cfg['max_seq_len'])
+    model_cfg = _section(cfg, 'model', required=True)
+    vocab = _vocab_size(cfg, model_cfg)
+    preset = model_cfg.pop('preset', None if 'family' in model_cfg else 'tiny')
+    model = _call('model', build_causal_lm, {'vocab_size': vocab, 'max_seq_len': max_seq_len,
+                                             'preset': preset, 'seed': seed, **model_cfg})
+    train_loader = _train_loader(cfg, device_batch)
+    evaluators = _eval_loaders(cfg, device_batch)
+    parallelism = {'fsdp': cfg['fsdp_config']} if cfg.get('fsdp_config') else None
+    logger_classes = {'file': loggers.FileLogger, 'tensorboard': loggers.TensorboardLogger,
+                      'wandb': loggers.WandBLogger, 'mlflow': loggers.MLFlowLogger,
+                      'inmemory': loggers.InMemoryLogger}
+    callback_classes = {'speed_monitor': callbacks.SpeedMonitor, 'lr_monitor': callbacks.LRMonitor,
+                        'memory_monitor': callbacks.MemoryMonitor,
+                        'runtime_estimator': callbacks.RuntimeEstimator,
+                        'optimizer_monitor': callbacks.OptimizerMonitor}
+    scheduler = _scheduler(cfg)
+    kwargs = dict(
+        run_name=cfg.get('run_name'), model=model, train_dataloader=train_loader,
+        eval_dataloader=evaluators or None, eval_interval=cfg.get('eval_interval', 1),
+        eval_subset_num_batches=cfg.get('eval_subset_num_batches', -1),
+        max_duration=cfg['max_duration'], optimizers=_optimizer(cfg, model),
+        schedulers=scheduler, algorithms=_algorithms(cfg),
+        loggers=_named('loggers', cfg, logger_classes) + list(extra_loggers),
+        callbacks=_named('callbacks', cfg, callback_classes) + list(extra_callbacks),
+        device=device, precision=cfg.get('precision', 'fp32'),
+        device_train_microbatch_size=cfg.get('device_train_microbatch_size', device_batch),
+        progress_bar=cfg.get('progress_bar', False), log_to_console=cfg.get('log_to_console', True),
+        console_log_interval=cfg.get('console_log_interval', '10ba'), seed=seed,
+        save_folder=cfg.get('save_folder'), save_interval=cfg.get('save_interval', '1ep'),
+        save_num_checkpoints_to_keep=cfg.get('save_num_checkpoints_to_keep', -1),
+        save_overwrite=cfg.get('save_overwrite', False), load_path=cfg.get('load_path'),
+        autoresume=cfg.get('autoresume', False), parallelism_config=parallelism,
+        python_log_level=cfg.get('python_log_level'))
+    return _call('trainer', Trainer, kwargs)
+
+
+def train(config: str, overrides: Sequence[str] = ()) -> Any:
+    """Build the Trainer for ``config`` (with overrides), fit it, and return it."""
+    trainer = build_trainer(load_config(config, overrides))
+    trainer.fit()
+    return trainer
