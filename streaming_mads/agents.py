@@ -84,11 +84,14 @@ class Agent:
 
     kind: str = ''
 
-    def __init__(self, name: str, column: str) -> None:
+    def __init__(self, name: str, column: str, init: Optional[Sequence[float]] = None) -> None:
         if not name:
             raise ValueError('An agent needs a non-empty `name`.')
         self.name = name
         self.column = column
+        self.init = None if init is None else np.asarray(init, np.float64)
+        if self.init is not None and (self.init.ndim != 1 or np.any(self.init <= 0)):
+            raise ValueError(f'Agent {name!r}: `init` must be a list of positive weights.')
         self.value_names: tuple[str, ...] = ()
         self.freq: NDArray[np.int64] = np.zeros(0, np.int64)
         self.memory: NDArray[np.float64] = np.zeros(0)
@@ -117,7 +120,10 @@ class Agent:
     def _reset(self, value_names: Sequence[str], freq: NDArray) -> None:
         self.value_names = tuple(value_names)
         self.freq = np.asarray(freq, np.int64)
-        self.memory = np.ones(len(self.value_names), np.float64)
+        if self.init is not None and len(self.init) != len(self.value_names):
+            raise ValueError(f'Agent {self.name!r}: `init` has {len(self.init)} weights for '
+                             f'{len(self.value_names)} label values {list(self.value_names)}.')
+        self.memory = np.ones(len(self.value_names)) if self.init is None else self.init.copy()
 
     def state_dict(self) -> dict[str, Any]:
         """Memory and the label values it refers to (checked on load)."""
@@ -132,7 +138,10 @@ class Agent:
 
     def config(self) -> dict[str, Any]:
         """The spec that rebuilds this agent with :func:`build_agent`."""
-        return {'name': self.name, 'column': self.column}
+        out: dict[str, Any] = {'name': self.name, 'column': self.column}
+        if self.init is not None:
+            out['init'] = self.init.tolist()
+        return out
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}({self.config()})'
@@ -163,8 +172,9 @@ class BinnedAgent(Agent):
 
     kind = SCORE
 
-    def __init__(self, name: str, column: str, edges: Sequence[float]) -> None:
-        super().__init__(name, column)
+    def __init__(self, name: str, column: str, edges: Sequence[float],
+                 init: Optional[Sequence[float]] = None) -> None:
+        super().__init__(name, column, init)
         self.edges = np.asarray(edges, np.float64)
         if self.edges.ndim != 1 or len(self.edges) < 1 or np.any(np.diff(self.edges) <= 0):
             raise ValueError(f'Agent {name!r}: `bins` must be a non-empty increasing list of edges, '
@@ -214,8 +224,8 @@ def build_agent(spec: AgentSpec) -> Agent:
     """An agent from a preset name (``'quality'``, ``'domain'``, ``'topic'``), a dict, or itself.
 
     Dict keys: ``name``; ``column`` (defaults to ``name``); ``bins`` (edges, for a score column;
-    omitted for a categorical one); or ``type`` naming a preset whose defaults the other keys
-    override.
+    omitted for a categorical one); ``init`` (initial memory, one positive weight per label value;
+    default uniform); or ``type`` naming a preset whose defaults the other keys override.
     """
     if isinstance(spec, Agent):
         return spec
@@ -225,10 +235,11 @@ def build_agent(spec: AgentSpec) -> Agent:
                              'dict {name, column, bins}.')
         return _PRESETS[spec]()
     spec = dict(spec)
-    unknown = set(spec) - {'name', 'column', 'bins', 'type'}
+    unknown = set(spec) - {'name', 'column', 'bins', 'type', 'init'}
     if unknown:
         raise ValueError(f'Agent spec {spec} has unknown keys {sorted(unknown)}: use name, column, '
-                         'bins, type.')
+                         'bins, type, init.')
+    init = spec.get('init')
     kind: Optional[str] = spec.pop('type', None)
     if kind is not None and kind not in _PRESETS:
         raise ValueError(f'Unknown agent type {kind!r}: use one of {sorted(_PRESETS)}.')
@@ -238,10 +249,10 @@ def build_agent(spec: AgentSpec) -> Agent:
     column = spec.get('column') or (_PRESETS[kind]().column if kind else name)
     bins = spec.get('bins')
     if kind == 'quality' or (kind is None and bins is not None):
-        return BinnedAgent(name, column, bins if bins is not None else DEFAULT_QUALITY_EDGES)
+        return BinnedAgent(name, column, bins if bins is not None else DEFAULT_QUALITY_EDGES, init)
     if bins is not None:
         raise ValueError(f'Agent {name!r} of type {kind!r} is categorical and takes no `bins`.')
-    return CategoricalAgent(name, column)
+    return CategoricalAgent(name, column, init)
 
 
 def build_agents(specs: Optional[Sequence[AgentSpec]], store: LabelStore,

@@ -20,7 +20,7 @@ import shutil
 import time
 from typing import Any, Optional, Sequence
 
-__all__ = ['run_demo', 'steps_to_reach']
+__all__ = ['run_demo', 'steps_to_reach', 'prepare_data', 'train_run', 'quiet']
 
 _REPO_YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'yamls')
 
@@ -35,6 +35,21 @@ def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: floa
             return float(prev_s + (s - prev_s) * (prev_l - target) / (prev_l - l))
         prev_s, prev_l = s, l
     return None
+
+
+def quiet() -> None:
+    """Silence the known, harmless noise of tiny CPU runs (HF tokenizer notes, last-batch splits)."""
+    import logging
+    import warnings
+    warnings.filterwarnings('ignore', message='Cannot split tensor of length')
+    warnings.filterwarnings('ignore', message='.*non-writable tensors')
+    for name in ('composer.models.huggingface', 'transformers'):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def _say(msg: str) -> None:
@@ -72,7 +87,8 @@ def _series(mem: Any, key: str) -> tuple[list[int], list[float]]:
     return [int(ts.batch.value) for ts, _ in pairs], [float(v) for _, v in pairs]
 
 
-def _train(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Train one shipped YAML on prepared demo data; its evaluation curves and MADS metrics."""
     from composer.loggers import InMemoryLogger
 
     from streaming_mads.train import apply_overrides, build_trainer, load_config
@@ -170,7 +186,7 @@ def report(results: dict[str, Any]) -> str:
 
 def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: int = 1_200_000,
              seq_len: int = 128, vocab_size: int = 4096, progress: bool = True,
-             reuse_data: bool = True) -> dict[str, Any]:
+             reuse_data: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the whole demo; returns every figure (also written to ``out/results.json``).
 
     Args:
@@ -181,7 +197,10 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
         vocab_size (int): BPE vocabulary trained on the corpus.
         progress (bool): Show progress bars.
         reuse_data (bool): Keep an already prepared corpus in ``out``.
+        overrides (Sequence[str]): Extra ``key=value`` overrides for both runs
+            (``algorithms...`` ones for the MADS run only).
     """
+    quiet()
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     ready = os.path.join(out, 'data', 'mads', 'manifest.json')
@@ -195,13 +214,14 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
     else:
         with open(os.path.join(out, 'paths.json')) as f:
             paths = json.load(f)
-    overrides = [f'max_duration={budget}'] if budget else []
+    common = [f'max_duration={budget}'] if budget else []
     if budget:
-        overrides.append('scheduler.t_warmup=' + str(max(1, int(budget.rstrip('ba')) // 20)) + 'ba')
+        common.append('scheduler.t_warmup=' + str(max(1, int(budget.rstrip('ba')) // 20)) + 'ba')
     _say('training MADS (quickstart-cpu.yaml)')
-    mads = _train('quickstart-cpu.yaml', paths, overrides)
-    _say(f'training uniform (random-baseline-cpu.yaml), same seed and budget')
-    uniform = _train('random-baseline-cpu.yaml', paths, overrides)
+    mads = train_run('quickstart-cpu.yaml', paths, common + list(overrides))
+    _say('training uniform (random-baseline-cpu.yaml), same seed and budget')
+    uniform = train_run('random-baseline-cpu.yaml', paths,
+                        common + [o for o in overrides if not o.startswith('algorithms')])
     results = {'mads': mads, 'uniform': uniform, 'seconds': time.perf_counter() - start}
     u_steps, u_loss = uniform['eval']['reference']
     m_steps, m_loss = mads['eval']['reference']

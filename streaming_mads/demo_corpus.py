@@ -139,6 +139,8 @@ def build_demo_text(out: str, code_bytes: int = 3_000_000, heldout: float = 0.05
     for domain, items in docs.items():
         keep = [d for d in items if not _heldout(f'{domain}/{d[0]}', heldout)]
         out_of = [d for d in items if _heldout(f'{domain}/{d[0]}', heldout)]
+        if not out_of and len(keep) > 1:  # Small corpora: still hold one document out.
+            out_of = [keep.pop()]
         train[domain] = _write(os.path.join(out, 'train', domain), keep)
         held[domain] = _write(os.path.join(out, 'heldout', domain), out_of)
     return DemoCorpus(train, held, _write(os.path.join(out, 'reference'), reference))

@@ -81,10 +81,19 @@ def _section(cfg: dict[str, Any], key: str, required: bool = False) -> dict[str,
     return dict(value)
 
 
+def _positive_int(cfg: dict[str, Any], key: str, default: Optional[int] = None) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == 'seed' else 1):
+        raise ConfigError(f'{key!r} must be a positive integer, got {value!r}.')
+    return value
+
+
 def _call(where: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     try:
         return fn(**kwargs)
-    except TypeError as err:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # Bad values and unknown keys, named by location.
         raise ConfigError(f'{where}: {err}') from err
 
 
@@ -255,18 +264,18 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
     for key in REQUIRED:
         if key not in cfg:
             raise ConfigError(f'Missing required key {key!r}.')
-    seed = int(cfg.get('seed', 17))
+    seed = _positive_int(cfg, 'seed', 17)
     reproducibility.seed_all(seed)
     device = cfg.get('device', 'cpu')
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(device, timeout=float(cfg.get('dist_timeout', 300)))
     world = dist.get_world_size()
-    global_batch = int(cfg['global_train_batch_size'])
+    global_batch = _positive_int(cfg, 'global_train_batch_size')
     if global_batch % world:
         raise ConfigError(f'global_train_batch_size={global_batch} is not divisible by the '
                           f'{world} ranks.')
     device_batch = global_batch // world
-    max_seq_len = int(cfg['max_seq_len'])
+    max_seq_len = _positive_int(cfg, 'max_seq_len')
     model_cfg = _section(cfg, 'model', required=True)
     vocab = _vocab_size(cfg, model_cfg)
     preset = model_cfg.pop('preset', None if 'family' in model_cfg else 'tiny')

@@ -114,3 +114,16 @@ def test_board_is_shared_across_processes():
 def _read_in_child(board: WeightBoard):
     w = board.read(0)
     return w.theta.tolist(), w.memories[1].tolist()
+
+
+def test_agent_initial_memory(mds_dir):
+    from streaming_mads import MADSDataset
+    ds = MADSDataset(local=mds_dir, batch_size=4, agents=[
+        {'type': 'quality', 'init': [1, 2, 3, 4, 5]}, {'name': 'domain', 'init': [4, 3, 2, 1]}])
+    assert ds.agents[0].memory.tolist() == [1, 2, 3, 4, 5]
+    assert ds.weights(0).memories[1].tolist() == [4, 3, 2, 1]  # Version 0 starts from it.
+    del ds
+    with pytest.raises(ValueError, match='`init` has 2 weights for 4 label values'):
+        MADSDataset(local=mds_dir, batch_size=4, agents=[{'name': 'domain', 'init': [1, 2]}])
+    with pytest.raises(ValueError, match='positive'):
+        build_agent({'name': 'domain', 'init': [1, 0]})
