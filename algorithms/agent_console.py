@@ -7,6 +7,7 @@ dataloader, device, logger) into :class:`streaming_mads.console.Console`, which 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any, Callable, Optional, Sequence, Union
@@ -37,25 +38,64 @@ def find_mads_dataset(dataloader: Any) -> MADSDataset:
     return dataset
 
 
+def _training_tokenizer(dataset: MADSDataset) -> str:
+    """The tokenizer ``mads convert`` recorded beside the training data."""
+    for stream in dataset.streams:
+        split_dir = os.path.join(stream.local, stream.split or '')
+        for root in (split_dir, os.path.dirname(os.path.normpath(split_dir))):
+            info = os.path.join(root, 'mads_convert.json')
+            if os.path.isfile(info):
+                with open(info) as f:
+                    record = json.load(f).get('tokenizer') or {}
+                if record.get('path'):
+                    return os.path.join(root, record['path'])
+                if record.get('kind') == 'bytes':
+                    return 'bytes'
+    raise FileNotFoundError('A text reference set needs the training tokenizer: set '
+                            'mads_console.reference_tokenizer (no mads_convert.json was found '
+                            'beside the training streams).')
+
+
+def _text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
+    """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS."""
+    from streaming_mads.convert import convert
+    out = os.path.join(tempfile.mkdtemp(prefix='mads_ref_'), 'reference')
+    convert([f'reference={path}'], out, layout='single', seq_len=seq_len, tokenizer=tokenizer,
+            progress=False)
+    return out
+
+
 def load_reference(source: ReferenceSource, size: int, split: Optional[str] = None,
-                   local: Optional[str] = None) -> list[dict]:
+                   local: Optional[str] = None, dataset: Optional[MADSDataset] = None,
+                   tokenizer: Optional[str] = None) -> list[dict]:
     """``size`` reference samples, evenly spaced over the source.
 
     Args:
-        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming),
-            a map-style dataset, or a list of sample dicts. Samples must have the training
-            samples' form (same columns and tokenisation) since the train collate builds batches.
+        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming);
+            a jsonl/text file or directory of text (tokenised like the training data with the
+            training tokenizer into samples of the training length); a map-style dataset; or a
+            list of sample dicts. Samples must have the training samples' form (same columns and
+            tokenisation), since the train collate builds their batches.
         size (int): How many samples.
         split (str, optional): MDS split.
         local (str, optional): Cache directory for a remote MDS source (default: a temp dir).
+        dataset (MADSDataset, optional): The training dataset (tokenizer and sample length of a
+            text reference).
+        tokenizer (str, optional): Tokenizer of a text reference (default: the one
+            ``mads convert`` recorded beside the training data).
     """
     if isinstance(source, str):
         from streaming import StreamingDataset
         is_remote = '://' in source
         if not is_remote and not os.path.isfile(os.path.join(source, split or '', 'index.json')):
-            raise FileNotFoundError(f'mads_console reference {source!r} is not an MDS dataset (no '
-                                    f'index.json): write the reference set with `mads convert` '
-                                    f'using the training tokenizer.')
+            if not os.path.exists(source):
+                raise FileNotFoundError(f'mads_console reference {source!r} does not exist: give '
+                                        'an MDS dataset, or jsonl/text files of reference text.')
+            if dataset is None:
+                raise ValueError('A text reference set needs the training dataset to tokenise it.')
+            seq_len = len(dataset[0]['tokens'])
+            source = _text_to_mds(source, tokenizer or _training_tokenizer(dataset), seq_len)
+            split = None
         ds = StreamingDataset(remote=source if is_remote else None,
                               local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
                               if is_remote else source,
@@ -92,6 +132,8 @@ class AgentConsole(Algorithm):
         seed (int): Probe seed. Defaults to ``0``.
         reference_split (str, optional): MDS split of the reference. Defaults to ``None``.
         reference_local (str, optional): Cache dir for a remote reference. Defaults to ``None``.
+        reference_tokenizer (str, optional): Tokenizer of a jsonl/text reference. Defaults to
+            the one ``mads convert`` recorded beside the training data.
         loss_fn (PerSampleLoss, optional): Per-sample loss adapter ``(model, batch) ->
             Tensor[B]``. Defaults to the causal-LM adapter.
         collate_fn (Callable, optional): Builds a model batch from sample dicts. Defaults to the
@@ -113,6 +155,7 @@ class AgentConsole(Algorithm):
                  seed: int = 0,
                  reference_split: Optional[str] = None,
                  reference_local: Optional[str] = None,
+                 reference_tokenizer: Optional[str] = None,
                  loss_fn: Optional[PerSampleLoss] = None,
                  collate_fn: Optional[Callable[[list], Any]] = None) -> None:
         self.config = ConsoleConfig(update_interval=update_interval, lead=lead,
@@ -123,6 +166,7 @@ class AgentConsole(Algorithm):
         self.reference = reference
         self.reference_split = reference_split
         self.reference_local = reference_local
+        self.reference_tokenizer = reference_tokenizer
         self.collate_fn = collate_fn
         self._state: Optional[State] = None
         self._resume_rng: Optional[list] = None
@@ -152,7 +196,8 @@ class AgentConsole(Algorithm):
                 self.collate_fn = getattr(dataloader, 'collate_fn', None) or \
                     DataLoader([]).collate_fn
             reference = load_reference(self.reference, self.config.reference_size,
-                                       self.reference_split, self.reference_local)
+                                       self.reference_split, self.reference_local, dataset,
+                                       self.reference_tokenizer)
             self.console.attach(dataset, prefetch_depth(dataloader), reference)
             logger.log_hyperparameters({f'mads/{k}': v for k, v in vars(self.config).items()})
             if int(state.timestamp.batch_in_epoch) == 0:

@@ -125,3 +125,26 @@ def test_nonfinite_influence_skips_the_update(corpus):
         assert np.all(agent.memory == 1.0)
     # The versions were still published (unchanged), so the data kept flowing.
     assert ds.weights(2) is not None and np.all(ds.weights(2).memories[0] == 1.0)
+
+
+def test_text_reference_is_tokenised_like_the_training_data(tmp_path):
+    from algorithms import load_reference
+    from streaming_mads import MADSDataset
+    from streaming_mads.convert import convert
+    from streaming_mads.labeling import label_dataset
+
+    text = tmp_path / 'train.txt'
+    text.write_text('The quick brown fox jumps over the lazy dog. ' * 40)
+    data = str(tmp_path / 'data')
+    convert([f'web={text}'], data, layout='single', seq_len=32, tokenizer='train',
+            vocab_size=300, progress=False)
+    label_dataset(data, columns=['domain'], progress=False)
+    ds = MADSDataset(local=data, batch_size=2)
+    ref = tmp_path / 'reference.jsonl'
+    ref.write_text('\n'.join('{"text": "A lazy dog sleeps while the brown fox runs. %d"}' % i
+                             for i in range(30)))
+    samples = load_reference(str(ref), 4, dataset=ds)
+    assert len(samples) == 4 and all(s['tokens'].shape == (32,) for s in samples)
+    assert samples[0]['tokens'].max() < 300  # The training tokenizer's vocabulary.
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_reference(str(tmp_path / 'missing'), 4, dataset=ds)

@@ -107,14 +107,23 @@ def test_round_trip_convert_label_open(corpus, tmp_path, capsys):
     top = {s.name: np.bincount(np.asarray(lab.array('topic')), minlength=3).argmax()
            for s, lab in zip(streams, labels)}
     assert top['science'] != top['cooking']
-    # The dataset opens with Streaming, and the label store addresses its global sample ids.
-    from streaming import Stream, StreamingDataset
-    ds = StreamingDataset(streams=[Stream(local=s.local) for s in streams], batch_size=1,
-                          shuffle=False)
-    assert len(ds) == sum(s.num_samples for s in streams)
+    # The dataset opens as a MADSDataset whose agents see every domain, bin and topic.
+    from streaming import Stream
+
+    from streaming_mads import MADSDataset
+    ds = MADSDataset(streams=[Stream(local=s.local) for s in streams], batch_size=2,
+                     pool_ratio=2, shuffle=False)
+    assert ds.num_samples == sum(s.num_samples for s in streams)
     assert ds[0]['tokens'].shape == (256,)
-    ids = np.arange(len(ds))
+    assert [a.name for a in ds.agents] == ['quality', 'domain', 'topic']
+    assert set(ds.agents[1].value_names) == {'cooking', 'science', 'spam'}
+    assert ds.agents[2].value_names == ('t00', 't01', 't02')
+    assert ds.agents[0].freq.sum() == ds.num_samples
+    ids = np.arange(ds.num_samples)
     assert [domain.values[i] for i in store.gather('domain', ids[[0, -1]])] == ['cooking', 'spam']
+    kept = [sample['tokens'] for sample in ds]  # Iterates: pools of 4 candidates keep 2.
+    assert len(kept) == len(ds) == (ds.num_samples + 1) // 2
+    del ds
     # Inspect prints the tables.
     assert main(['inspect', str(out)]) == 0
     text = capsys.readouterr().out
