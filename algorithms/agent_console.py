@@ -119,7 +119,7 @@ class AgentConsole(Algorithm):
 
     Args:
         reference (ReferenceSource): The reference set (see :func:`load_reference`).
-        update_interval (int): ``W``, batches per version. Defaults to ``100``.
+        update_interval (int): ``W``, batches per version. Defaults to ``150``.
         lead (int, optional): ``L``; ``None`` = prefetch depth + 1. Defaults to ``None``.
         probe_size (int): Probe samples per update over all ranks. Defaults to ``64``.
         probe_pool (int): Candidates the stratified probe is drawn from. Defaults to ``4096``.
@@ -142,7 +142,7 @@ class AgentConsole(Algorithm):
 
     def __init__(self,
                  reference: ReferenceSource,
-                 update_interval: int = 100,
+                 update_interval: int = 150,
                  lead: Optional[int] = None,
                  probe_size: int = 64,
                  probe_pool: int = 4096,

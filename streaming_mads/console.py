@@ -33,7 +33,9 @@ class ConsoleConfig:
     """Settings of the agent console (every field is a YAML key of ``mads_console``).
 
     Args:
-        update_interval (int): ``W``: batches per weight version. Defaults to ``100``.
+        update_interval (int): ``W``: batches per weight version. Defaults to ``150`` (the
+            console then costs under 5% of a small CPU run's time; see
+            ``benchmarks/console_overhead.py``).
         lead (int, optional): ``L``: a version is published ``L`` batches before its first batch;
             must exceed the DataLoader's ``num_workers x prefetch_factor`` and be below ``W``.
             ``None``: that prefetch depth + 1. Defaults to ``None``.
@@ -48,7 +50,7 @@ class ConsoleConfig:
         theta_floor (float): Smallest share of θ per agent. Defaults to ``0.05``.
         seed (int): Seed of probe draws (with the version number). Defaults to ``0``.
     """
-    update_interval: int = 100
+    update_interval: int = 150
     lead: Optional[int] = None
     probe_size: int = 64
     probe_pool: int = 4096
