@@ -20,14 +20,24 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streaming_mads.labels import CATEGORICAL, SCORE, LabelError, LabelStore
+from streaming_mads.selection import standardized_log_weights
 
 __all__ = [
     'Agent', 'CategoricalAgent', 'BinnedAgent', 'QualityAgent', 'DomainAgent', 'TopicAgent',
-    'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped'
+    'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped', 'mean_by_value'
 ]
 
 #: Default quality bin edges: five bins over a 0-5 score, as the paper's quality agent.
 DEFAULT_QUALITY_EDGES = (1.0, 2.0, 3.0, 4.0)
+
+
+def mean_by_value(label_ids: NDArray, z: NDArray, num_values: int) -> NDArray[np.float64]:
+    """Mean of ``z`` over samples of each label value; ``NaN`` for values with no sample."""
+    ids = np.asarray(label_ids, np.int64)
+    sums = np.bincount(ids, weights=z, minlength=num_values)
+    counts = np.bincount(ids, minlength=num_values)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def multiplicative_update(weights: NDArray, mean_rewards: NDArray, lr: float, floor: float,
@@ -108,6 +118,21 @@ class Agent:
     def label_ids(self, raw: NDArray) -> NDArray[np.int64]:
         """Label value id of each raw column value (vectorised)."""
         raise NotImplementedError
+
+    def score(self, raw: NDArray) -> NDArray[np.float64]:
+        """The agent's standardised score ``ŝ(x)`` of each raw column value (vectorised)."""
+        return standardized_log_weights(self.memory, self.freq)[self.label_ids(raw)]
+
+    def update(self, label_ids: NDArray, rewards: NDArray, lr: float, floor: float,
+               cap: float) -> NDArray[np.float64]:
+        """Multiplicative-weights step from rewards of samples with these label value ids.
+
+        Returns the mean reward per value (``NaN`` where no sample had that value; those values
+        keep their weight).
+        """
+        mean = mean_by_value(label_ids, rewards, self.num_values)
+        self.memory = multiplicative_update(self.memory, mean, lr, floor, cap)
+        return mean
 
     def _check_kind(self, store: LabelStore) -> Any:
         info = store.info(self.column)

@@ -21,11 +21,11 @@ from typing import Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.agents import multiplicative_update
+from streaming_mads.agents import mean_by_value, multiplicative_update
 from streaming_mads.selection import standardized_log_weights
 
 __all__ = [
-    'standardize', 'mean_by_value', 'predictiveness', 'update_theta', 'Update', 'update_weights',
+    'standardize', 'predictiveness', 'update_theta', 'Update', 'update_weights',
     'stratified_probe'
 ]
 
@@ -35,15 +35,6 @@ def standardize(rewards: NDArray) -> NDArray[np.float64]:
     r = np.asarray(rewards, np.float64)
     std = r.std()
     return (r - r.mean()) / std if std > 1e-300 else np.zeros_like(r)
-
-
-def mean_by_value(label_ids: NDArray, z: NDArray, num_values: int) -> NDArray[np.float64]:
-    """Mean of ``z`` over probes of each label value; ``NaN`` for values with no probe."""
-    ids = np.asarray(label_ids, np.int64)
-    sums = np.bincount(ids, weights=z, minlength=num_values)
-    counts = np.bincount(ids, minlength=num_values)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def predictiveness(scores: NDArray, z: NDArray) -> float:

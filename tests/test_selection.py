@@ -127,3 +127,17 @@ def test_agent_initial_memory(mds_dir):
         MADSDataset(local=mds_dir, batch_size=4, agents=[{'name': 'domain', 'init': [1, 2]}])
     with pytest.raises(ValueError, match='positive'):
         build_agent({'name': 'domain', 'init': [1, 0]})
+
+
+def test_agent_score_and_update(mds_dir):
+    from streaming_mads import MADSDataset
+    ds = MADSDataset(local=mds_dir, batch_size=4, agents=['domain'])
+    agent = ds.agents[0]
+    assert np.all(agent.score(np.array([0, 1, 2, 3])) == 0)  # Uniform memory: no opinion.
+    mean = agent.update(np.array([0, 0, 1, 3]), np.array([1.0, 3.0, -1.0, 0.5]), lr=1.0,
+                        floor=0.05, cap=20.0)
+    assert mean[0] == 2.0 and mean[1] == -1.0 and np.isnan(mean[2]) and mean[3] == 0.5
+    s = agent.score(np.array([0, 1, 2, 3]))
+    assert s[0] > s[3] > s[2] > s[1]  # Value 2 kept its (relative) weight between 3 and 1.
+    freq = agent.freq / agent.freq.sum()
+    assert abs(np.dot(freq, s)) < 1e-12
