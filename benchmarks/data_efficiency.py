@@ -125,6 +125,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument('--reference', help='reference MDS set (with --data)')
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='extra override for every arm (repeatable)')
+    parser.add_argument('--reuse', metavar='RESULTS_JSON',
+                        help='take the runs of --reuse-arms from an earlier results.json (arms '
+                        'whose configuration did not change, e.g. uniform)')
+    parser.add_argument('--reuse-arms', default='uniform')
     args = parser.parse_args(argv)
     quiet()
     start = time.perf_counter()
@@ -139,8 +143,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if 'uniform' not in arms:
         parser.error('the uniform arm is the yardstick: keep it in --arms')
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    reused = set()
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)['runs']
+        for arm in args.reuse_arms.split(','):
+            if arm in runs and len(earlier.get(arm, [])) >= args.seeds:
+                runs[arm] = earlier[arm][:args.seeds]
+                reused.add(arm)
     for seed in range(args.seeds):
-        for arm in arms:
+        for arm in [a for a in arms if a not in reused]:
             yaml_name, overrides = ARMS[arm]
             overrides = overrides + [f'seed={seed}', f'train_loader.dataset.shuffle_seed={seed}'] + \
                 args.set + ([f'max_duration={args.budget}'] if args.budget else [])
