@@ -44,7 +44,8 @@ def test_train_quickstart_then_resume_from_checkpoint(corpus, tmp_path):
     state = torch.load(saved, weights_only=False)['state']
     console = dict(state['algorithms'])['AgentConsole']['console']
     assert console['latest'] == 2 and len(console['agents']) == 3
-    assert state['dataset_state']['train']['sample_in_epoch'] == 6 * 8 * 2  # Candidates (r=2).
+    r = load_config(QUICKSTART)['train_loader']['dataset']['pool_ratio']
+    assert state['dataset_state']['train']['sample_in_epoch'] == 6 * 8 * r  # Candidates.
     cfg = load_config(QUICKSTART, _overrides(corpus, [f'load_path={saved}', 'max_duration=10ba']))
     trainer = build_trainer(cfg)
     assert int(trainer.state.timestamp.batch.value) == 6
@@ -102,8 +103,9 @@ def test_two_processes_under_composer_launcher(corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
     state = torch.load(os.path.join(tmp_path, 'ckpt', 'ep0-ba8-rank0.pt'),
                        weights_only=False)['state']
-    # 8 global batches of 8 (4 per rank), pool ratio 2: 128 candidates consumed.
-    assert state['dataset_state']['train']['sample_in_epoch'] == 128
+    # 8 global batches of 8 (4 per rank), r candidates per kept sample.
+    r = load_config(QUICKSTART)['train_loader']['dataset']['pool_ratio']
+    assert state['dataset_state']['train']['sample_in_epoch'] == 8 * 8 * r
     algo = dict(state['algorithms'])['AgentConsole']
     assert algo['console']['latest'] == 2 and len(algo['rng']) == 2  # One RNG state per rank.
 
