@@ -7,7 +7,6 @@ dataloader, device, logger) into :class:`streaming_mads.console.Console`, which 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any, Callable, Optional, Sequence, Union
@@ -40,17 +39,15 @@ def find_mads_dataset(dataloader: Any) -> MADSDataset:
 
 def _training_tokenizer(dataset: MADSDataset) -> str:
     """The tokenizer ``mads convert`` recorded beside the training data."""
-    for stream in dataset.streams:
-        split_dir = os.path.join(stream.local, stream.split or '')
-        for root in (split_dir, os.path.dirname(os.path.normpath(split_dir))):
-            info = os.path.join(root, 'mads_convert.json')
-            if os.path.isfile(info):
-                with open(info) as f:
-                    record = json.load(f).get('tokenizer') or {}
-                if record.get('path'):
-                    return os.path.join(root, record['path'])
-                if record.get('kind') == 'bytes':
-                    return 'bytes'
+    from streaming_mads.convert import find_convert_info
+    found = find_convert_info(os.path.join(s.local, s.split or '') for s in dataset.streams)
+    if found is not None:
+        root, info = found
+        record = info.get('tokenizer') or {}
+        if record.get('path'):
+            return os.path.join(root, record['path'])
+        if record.get('kind') == 'bytes':
+            return 'bytes'
     raise FileNotFoundError('A text reference set needs the training tokenizer: set '
                             'mads_console.reference_tokenizer (no mads_convert.json was found '
                             'beside the training streams).')

@@ -9,7 +9,6 @@ ranks, update memories and θ (:mod:`streaming_mads.rewards`) and publish the ne
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,8 +23,6 @@ from streaming_mads.influence import PerSampleLoss, compute_influence, reference
 from streaming_mads.rewards import Update, stratified_probe, update_weights
 
 __all__ = ['ConsoleConfig', 'Console', 'prefetch_depth']
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -235,7 +232,8 @@ class Console:
     def _trim(self) -> None:
         """Keep the versions a resume could still need (the current window onward)."""
         assert self.dataset is not None
-        keep_from = max(0, self.latest - 1 - self.lead // self.config.update_interval - 1)
+        # lead < W, so batches still to come need version latest - 1 onward; one more as margin.
+        keep_from = max(0, self.latest - 2)
         for v in [v for v in self.history if v < keep_from]:
             del self.history[v]
 

@@ -36,7 +36,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator, Optional, Sequence, Union
+from typing import IO, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -144,6 +144,17 @@ def read_convert_info(root: str) -> Optional[dict[str, Any]]:
     if info.get('format') != CONVERT_FORMAT:
         raise ConvertError(f'{path} is not a mads convert record.')
     return info
+
+
+def find_convert_info(dirs: Iterable[str]) -> Optional[tuple[str, dict[str, Any]]]:
+    """The first ``mads_convert.json`` in one of ``dirs`` or its parent (a ``--layout streams``
+    output keeps it one level above each stream): ``(root, record)``, or ``None``."""
+    for directory in dirs:
+        for root in (directory, os.path.dirname(os.path.normpath(directory))):
+            info = read_convert_info(root)
+            if info is not None:
+                return root, info
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

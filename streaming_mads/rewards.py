@@ -15,7 +15,7 @@ Everything is deterministic numpy on gathered inputs, so every rank computes bit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -79,7 +79,6 @@ class Update:
     value_rewards: list[NDArray[np.float64]]
     reward_mean: float
     reward_std: float
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 def update_weights(memories: Sequence[NDArray], theta: NDArray, freqs: Sequence[NDArray],

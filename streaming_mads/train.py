@@ -15,7 +15,6 @@ the data across ranks.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -104,21 +103,17 @@ def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any]) -> int:
     tok = _section(cfg, 'tokenizer')
     if 'vocab_size' in tok:
         return int(tok['vocab_size'])
-    roots = []
+    from streaming_mads.convert import find_convert_info
     dataset = _section(cfg['train_loader'], 'dataset')
-    if dataset.get('local'):
-        roots.append(dataset['local'])
-    for stream in (dataset.get('streams') or {}).values():
-        if isinstance(stream, dict) and stream.get('local'):
-            roots += [stream['local'], os.path.dirname(os.path.normpath(stream['local']))]
-    for root in roots:
-        info = os.path.join(root, 'mads_convert.json')
-        if os.path.isfile(info):
-            with open(info) as f:
-                record = json.load(f)
-            size = record.get('tokenizer', {}).get('vocab_size') or record.get('vocab_size')
-            if size:
-                return int(size)
+    dirs = [dataset['local']] if dataset.get('local') else []
+    dirs += [stream['local'] for stream in (dataset.get('streams') or {}).values()
+             if isinstance(stream, dict) and stream.get('local')]
+    found = find_convert_info(dirs)
+    if found is not None:
+        record = found[1]
+        size = record.get('tokenizer', {}).get('vocab_size') or record.get('vocab_size')
+        if size:
+            return int(size)
     raise ConfigError('model.vocab_size is not set and no mads_convert.json beside the training '
                       'data names a tokenizer: set model.vocab_size.')
 
