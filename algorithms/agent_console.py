@@ -119,7 +119,8 @@ class AgentConsole(Algorithm):
         update_interval (int): ``W``, batches per version. Defaults to ``150``.
         lead (int, optional): ``L``; ``None`` = prefetch depth + 1. Defaults to ``None``.
         probe_size (int): Probe samples per update over all ranks. Defaults to ``64``.
-        probe_pool (int): Candidates the stratified probe is drawn from. Defaults to ``4096``.
+        probe_pool (int): Most candidates (over all ranks, from the pools read since the last
+            update) the stratified probe is drawn from. Defaults to ``4096``.
         reference_size (int): Reference samples per update over all ranks. Defaults to ``32``.
         lr_memory (float): Memory learning rate ``η``. Defaults to ``0.5``.
         lr_theta (float): θ learning rate ``η_θ``. Defaults to ``1.0``.
@@ -195,7 +196,11 @@ class AgentConsole(Algorithm):
             reference = load_reference(self.reference, self.config.reference_size,
                                        self.reference_split, self.reference_local, dataset,
                                        self.reference_tokenizer)
-            self.console.attach(dataset, prefetch_depth(dataloader), reference)
+            # Versions follow the batches Composer really runs per epoch (drop_last,
+            # train_subset_num_batches), not the dataset's pool count.
+            per_epoch = state.dataloader_len
+            self.console.attach(dataset, prefetch_depth(dataloader), reference,
+                                int(per_epoch) if per_epoch is not None else None)
             logger.log_hyperparameters({f'mads/{k}': v for k, v in vars(self.config).items()})
             if int(state.timestamp.batch_in_epoch) == 0:
                 self._resume_rng = None  # Composer restores the RNG itself at epoch starts.
@@ -214,7 +219,8 @@ class AgentConsole(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         # get_rng_state gathers every rank's RNG: Composer calls state_dict on all ranks.
-        return {**super().state_dict(), 'console': self.console.state_dict(),
+        batches_done = int(self._state.timestamp.batch) if self._state is not None else None
+        return {**super().state_dict(), 'console': self.console.state_dict(batches_done),
                 'rng': reproducibility.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -5,14 +5,23 @@ The console (in a rank's main process) publishes each new **version** of the age
 read the version that governs the batch they are about to build. Shared memory is the one channel
 every worker of the rank sees without a round trip through the trainer.
 
-Layout (all 8-byte words): a header, the memory size of each agent, then a ring of ``capacity``
-slots. A slot holds ``[version, θ (A values), memories (Σ sizes values)]``. There is one writer
-per board, which marks a slot invalid, fills it, then stamps its version and finally raises the
-``latest`` counter; readers copy a slot and check its stamp before and after the copy, so a read
-never mixes two versions.
+Layout (all 8-byte words): a header, the memory size of each agent, a ring of ``capacity``
+weight slots, the selection counters, then the **probe log**. A weight slot holds ``[version, θ
+(A values), memories (Σ sizes values)]``. There is one writer per board, which marks a slot
+invalid, fills it, then stamps its version and finally raises the ``latest`` counter; readers
+copy a slot and check its stamp before and after the copy, so a read never mixes two versions.
 
-The schedule (DESIGN section 5): version ``v`` governs global batches ``[v·W, (v+1)·W)``;
-``W = 0`` means no console is attached and version 0 governs everything.
+The schedule: version ``v`` governs global batches ``[v·W, (v+1)·W)``, counted as Composer counts
+them (``epoch · batches_per_epoch + batch in epoch``, where ``batches_per_epoch`` is what the
+trainer really runs: after ``drop_last`` and ``train_subset_num_batches``); ``W = 0`` means no
+console is attached and version 0 governs everything.
+
+The probe log is how the console draws its probes from data the rank already read: the worker
+that builds the pool of global batch ``b`` writes up to ``log_width`` of its candidates (a uniform
+random subset, in random order) into log slot ``(b / stride) mod log_slots``, stamped with ``b``,
+for every ``b`` that is a multiple of ``stride``. The stride is set at :meth:`WeightBoard.configure`
+so that two update windows of batches fit on the ring, which is what the console reads between
+updates, plus the prefetch the workers can be ahead.
 """
 
 from __future__ import annotations
@@ -24,13 +33,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
-from streaming.base.shared.memory import SharedMemory
+
+from streaming_mads.streaming_internals import SharedMemory
 
 __all__ = ['Weights', 'WeightBoard', 'VersionTimeoutError', 'VersionEvictedError']
 
 _MAGIC = 0x4D414453  # 'MADS'
-_HEADER = 8  # magic, agents, capacity, interval, lead, latest, slot words, generation
-_I_MAGIC, _I_AGENTS, _I_CAPACITY, _I_INTERVAL, _I_LEAD, _I_LATEST, _I_SLOT, _I_GEN = range(8)
+_HEADER = 12  # magic, agents, capacity, interval, lead, latest, slot words, generation, ...
+(_I_MAGIC, _I_AGENTS, _I_CAPACITY, _I_INTERVAL, _I_LEAD, _I_LATEST, _I_SLOT, _I_GEN, _I_EPOCH,
+ _I_STRIDE) = range(10)  # ... batches per epoch, probe log stride.
 _TICK = 0.002
 
 
@@ -75,19 +86,27 @@ class WeightBoard:
         create (bool): Create (and reset) the segment instead of attaching to it.
         stats_rows (int): Rows of selection counters (one per DataLoader worker; workers beyond
             this share rows, making the counts approximate but never wrong in version or order).
+        log_slots (int): Pools the probe log holds (see the module docstring).
+        log_width (int): Most candidates logged per pool.
     """
 
     def __init__(self, name: str, agent_sizes: Sequence[int], capacity: int = 16,
-                 create: bool = False, stats_rows: int = 64) -> None:
+                 create: bool = False, stats_rows: int = 64, log_slots: int = 512,
+                 log_width: int = 32) -> None:
         if capacity < 2:
             raise ValueError(f'Board capacity must be at least 2, got {capacity}.')
+        if log_slots < 2 or log_width < 1:
+            raise ValueError(f'Need log_slots >= 2 and log_width >= 1, got {log_slots}, '
+                             f'{log_width}.')
         self.name = name
         self.agent_sizes = tuple(int(n) for n in agent_sizes)
         self.capacity = int(capacity)
         self._slot_words = 1 + len(self.agent_sizes) + sum(self.agent_sizes)
         self.stats_rows = int(stats_rows)
         self._stats_start = _HEADER + len(self.agent_sizes) + self.capacity * self._slot_words
-        self._size = 8 * (self._stats_start + self.stats_rows * sum(self.agent_sizes))
+        self.log_slots, self.log_width = int(log_slots), int(log_width)
+        self._log_start = self._stats_start + self.stats_rows * sum(self.agent_sizes)
+        self._size = 8 * (self._log_start + self.log_slots * (2 + self.log_width))
         self._shm: Optional[SharedMemory] = None
         self._owner_pid = os.getpid() if create else -1
         if create:
@@ -131,21 +150,26 @@ class WeightBoard:
         w[_HEADER:_HEADER + len(self.agent_sizes)] = self.agent_sizes
         for v in range(self.capacity):
             w[self._slot_start(v)] = -1
+        self._log()[:, 0] = -1
 
     # -- schedule --------------------------------------------------------------------------
 
-    def configure(self, update_interval: int, lead: int) -> None:
+    def configure(self, update_interval: int, lead: int, batches_per_epoch: int = 0) -> None:
         """Set the schedule: version ``v`` governs batches ``[v·W, (v+1)·W)``.
 
         Args:
             update_interval (int): ``W``, batches per version (0: static version 0).
             lead (int): ``L``, batches before its first batch that a version is published; only
                 recorded here so errors can name it.
+            batches_per_epoch (int): Batches the trainer runs per epoch (``0``: the dataset's
+                own count). Global batch numbers, and so versions, follow it.
         """
-        if update_interval < 0 or lead < 0:
-            raise ValueError('update_interval and lead must be non-negative.')
+        if update_interval < 0 or lead < 0 or batches_per_epoch < 0:
+            raise ValueError('update_interval, lead and batches_per_epoch must be non-negative.')
         w = self._words()
-        w[_I_INTERVAL], w[_I_LEAD] = update_interval, lead
+        w[_I_INTERVAL], w[_I_LEAD], w[_I_EPOCH] = update_interval, lead, batches_per_epoch
+        # Two windows of W batches on the ring: the one the console reads next, and the prefetch.
+        w[_I_STRIDE] = -(-2 * update_interval // self.log_slots) if update_interval else 0
 
     @property
     def update_interval(self) -> int:
@@ -156,6 +180,16 @@ class WeightBoard:
     def lead(self) -> int:
         """``L`` as configured by the console."""
         return int(self._words()[_I_LEAD])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches the trainer runs per epoch, as configured (0: not configured)."""
+        return int(self._words()[_I_EPOCH])
+
+    @property
+    def log_stride(self) -> int:
+        """Every ``log_stride``-th global batch writes the probe log (0: no console, no log)."""
+        return int(self._words()[_I_STRIDE])
 
     @property
     def latest(self) -> int:
@@ -253,7 +287,8 @@ class WeightBoard:
     # -- selection statistics -------------------------------------------------------------
 
     def _stats(self) -> NDArray[np.int64]:
-        return self._words()[self._stats_start:].reshape(self.stats_rows, sum(self.agent_sizes))
+        return self._words()[self._stats_start:self._log_start].reshape(self.stats_rows,
+                                                                     sum(self.agent_sizes))
 
     def record_kept(self, row: int, label_ids: Sequence[NDArray]) -> None:
         """Count kept samples by label value (called by the worker owning ``row``)."""
@@ -268,6 +303,48 @@ class WeightBoard:
         total = self._stats().sum(axis=0)
         bounds = np.cumsum((0,) + self.agent_sizes)
         return [total[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    # -- probe log ------------------------------------------------------------------------
+
+    def _log(self) -> NDArray[np.int64]:
+        return self._words()[self._log_start:].reshape(self.log_slots, 2 + self.log_width)
+
+    def logged_batches(self, start: int, stop: int) -> range:
+        """The global batches in ``[start, stop)`` that write the probe log."""
+        stride = self.log_stride
+        if stride <= 0:
+            return range(0)
+        first = -(-max(start, 0) // stride) * stride
+        return range(first, max(stop, first), stride)
+
+    def write_log(self, batch: int, sample_ids: NDArray[np.int64]) -> None:
+        """Log candidates of global batch ``batch``'s pool (its worker; a no-op off the stride).
+
+        Args:
+            batch (int): Global batch number of the pool.
+            sample_ids (NDArray[np.int64]): Candidates, in random order; the first ``log_width``
+                are kept.
+        """
+        stride = self.log_stride
+        if stride <= 0 or batch % stride:
+            return
+        row = self._log()[(batch // stride) % self.log_slots]
+        ids = np.asarray(sample_ids, np.int64)[:self.log_width]
+        row[0] = -1
+        row[1] = len(ids)
+        row[2:2 + len(ids)] = ids
+        row[0] = batch
+
+    def read_log(self, batch: int) -> Optional[NDArray[np.int64]]:
+        """The candidates global batch ``batch`` logged, or ``None`` if its slot holds another."""
+        stride = self.log_stride
+        if stride <= 0 or batch % stride:
+            return None
+        row = self._log()[(batch // stride) % self.log_slots]
+        if int(row[0]) != batch:
+            return None
+        ids = row[2:2 + int(row[1])].copy()
+        return ids if int(row[0]) == batch else None
 
     def cleanup(self) -> None:
         """Release the segment (the creator unlinks it)."""

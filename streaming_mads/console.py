@@ -2,13 +2,16 @@
 
 :class:`Console` holds θ, the agents (owned by the :class:`MADSDataset` it drives), the schedule
 and the versions published so far. Its :meth:`Console.step` is one update: draw a stratified probe
-set, measure each probe's influence on the reference loss with the live model, combine across
-ranks, update memories and θ (:mod:`streaming_mads.rewards`) and publish the next version.
+set from candidates the ranks' workers logged since the last update (data each rank already read,
+so probes cost no extra download and represent exactly what the loader samples), measure each
+probe's influence on the reference loss with the live model on the rank that owns it, combine
+across ranks, update memories and θ (:mod:`streaming_mads.rewards`) and publish the next version.
 ``algorithms.AgentConsole`` only decides *when* to call it and wires Composer's state into it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -37,7 +40,9 @@ class ConsoleConfig:
             must exceed the DataLoader's ``num_workers x prefetch_factor`` and be below ``W``.
             ``None``: that prefetch depth + 1. Defaults to ``None``.
         probe_size (int): Probe samples per update, over all ranks. Defaults to ``64``.
-        probe_pool (int): Uniform candidates the probe set is stratified from. Defaults to ``4096``.
+        probe_pool (int): Most candidates, over all ranks, the probe set is stratified from; they
+            are a uniform subset of the pools the ranks read since the last update. Defaults to
+            ``4096``.
         reference_size (int): Reference samples used for ``∇L_R`` at each update, over all ranks.
             Defaults to ``32``.
         lr_memory (float): ``η`` of the agents' memories. Defaults to ``0.5``.
@@ -85,17 +90,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather_interleaved(values: NDArray, total: int) -> NDArray[np.float64]:
-    """Rank ``r`` holds items ``r, r + world, ...``; every rank gets all ``total`` in order."""
-    rank, world = _world()
+def _all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (just ``[value]`` without a process group)."""
+    _, world = _world()
     if world == 1:
-        return np.asarray(values, np.float64)
+        return [value]
     gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, np.asarray(values, np.float64))
-    out = np.empty(total, np.float64)
-    for r, part in enumerate(gathered):
-        out[r::world] = part
-    return out
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 class Console:
@@ -120,18 +122,25 @@ class Console:
         self.latest = -1
         self.skipped = 0
         self.history: dict[int, dict[str, Any]] = {}
+        self.log_missing = 0
         self._pending: Optional[dict[str, Any]] = None
         self._last_counts: Optional[list[NDArray[np.int64]]] = None
+        self._saved_log: dict[int, NDArray[np.int64]] = {}
+        self._probe_candidates = 0
 
     # -- attaching -------------------------------------------------------------------------
 
-    def attach(self, dataset: MADSDataset, depth: int, reference: Sequence[dict]) -> None:
+    def attach(self, dataset: MADSDataset, depth: int, reference: Sequence[dict],
+               batches_per_epoch: Optional[int] = None) -> None:
         """Take over ``dataset``'s agents, set the schedule and publish what batch 0 needs.
 
         Args:
             dataset (MADSDataset): The training dataset (this rank's copy).
             depth (int): The DataLoader's prefetch depth (``num_workers x prefetch_factor``).
             reference (Sequence[dict]): The reference samples (all ranks' share).
+            batches_per_epoch (int, optional): Batches the trainer runs per epoch (Composer's
+                ``state.dataloader_len``: after ``drop_last`` and ``train_subset_num_batches``).
+                Defaults to every pool of the dataset.
         """
         cfg = self.config
         lead = depth + 1 if cfg.lead is None else cfg.lead
@@ -146,7 +155,7 @@ class Console:
             raise ValueError('The mads_console reference set is empty: point `reference` at a '
                              'non-empty dataset.')
         self.dataset, self.lead, self.reference = dataset, lead, list(reference)
-        dataset.configure_schedule(cfg.update_interval, lead)
+        dataset.configure_schedule(cfg.update_interval, lead, batches_per_epoch)
         self.theta = dataset.initial_theta()
         self.latest = -1
         self.history = {}
@@ -154,9 +163,10 @@ class Console:
             self._restore(self._pending)
             self._pending = None
         else:
-            self._publish(0)
+            self.publish(0)
 
-    def _publish(self, version: int) -> None:
+    def publish(self, version: int) -> None:
+        """Publish the current θ and memories as ``version`` (to this rank's workers)."""
         assert self.dataset is not None
         memories = [agent.memory.copy() for agent in self.dataset.agents]
         self.dataset.publish(version, self.theta, memories)
@@ -174,40 +184,84 @@ class Console:
 
     # -- the update step -------------------------------------------------------------------
 
-    def draw_probe(self, version: int) -> NDArray[np.int64]:
-        """Global sample ids of this update's probe set (the same on every rank)."""
+    def probe_window(self, version: int) -> tuple[int, int]:
+        """Global batches ``[start, stop)`` whose pools feed ``version``'s probes.
+
+        The batches done since the previous update: every one of them was built (and its
+        candidates' shards downloaded) by this rank's workers before the update runs.
+        """
+        stop = version * self.config.update_interval - self.lead
+        return max(0, stop - self.config.update_interval), stop
+
+    def _log_quota(self, batches: int) -> int:
+        _, world = _world()
+        return max(1, math.ceil(self.config.probe_pool / world / max(1, batches)))
+
+    def local_candidates(self, version: int) -> NDArray[np.int64]:
+        """This rank's share of ``version``'s probe candidates, from its workers' probe log."""
+        assert self.dataset is not None
+        board = self.dataset.board
+        batches = board.logged_batches(*self.probe_window(version))
+        quota = self._log_quota(len(batches))
+        out = []
+        for b in batches:
+            ids = self._saved_log.get(b)
+            if ids is None:
+                ids = board.read_log(b)
+            if ids is None:
+                self.log_missing += 1
+                continue
+            out.append(ids[:quota])
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def draw_probe(self, version: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """``version``'s probe set (identical on every rank) and the rank that owns each probe.
+
+        Every rank contributes candidates of the pools it read since the last update (a uniform
+        draw of what the loader reads, over every stream as Streaming weighs it); the union is
+        gathered, shuffled and stratified with a generator seeded by ``(seed, version)``. A
+        probe is measured by the rank whose workers read it, so its shard is already local.
+        """
         assert self.dataset is not None
         cfg = self.config
+        parts = _all_gather(self.local_candidates(version))
+        owners = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+        candidates = np.concatenate(parts).astype(np.int64)
+        self._probe_candidates = len(candidates)
+        if not len(candidates):
+            return candidates, owners
         rng = np.random.default_rng((cfg.seed, version))
-        n = self.dataset.num_samples
-        candidates = rng.permutation(n)[:cfg.probe_pool] if n <= 4 * cfg.probe_pool else \
-            np.unique(rng.integers(0, n, 2 * cfg.probe_pool))[:cfg.probe_pool]
-        candidates = rng.permutation(candidates)
+        order = rng.permutation(len(candidates))
+        candidates, owners = candidates[order], owners[order]
         labels = self.dataset.label_ids(candidates)
         sizes = [agent.num_values for agent in self.dataset.agents]
-        return candidates[stratified_probe(labels, sizes, cfg.probe_size, rng)]
+        chosen = stratified_probe(labels, sizes, cfg.probe_size, rng)
+        return candidates[chosen], owners[chosen]
 
     def step(self, model: torch.nn.Module, version: int) -> tuple[Optional[Update], dict[str, float]]:
         """One update producing ``version``; returns it and the metrics to log.
 
-        Influence: each rank takes every ``world``-th probe and reference sample, the reference
-        gradient is averaged across ranks, the rewards are gathered, and every rank applies the
-        same deterministic update to the same numbers.
+        Influence: each rank measures the probes it owns and takes every ``world``-th reference
+        sample; the reference gradient is the exact mean over all reference samples (summed
+        across ranks, whatever each rank's share, none included), the rewards are gathered, and
+        every rank applies the same deterministic update to the same numbers.
         """
         assert self.dataset is not None
         start = time.perf_counter()
         rank, world = _world()
-        probe_ids = self.draw_probe(version)
-        mine = probe_ids[rank::world]
+        probe_ids, owners = self.draw_probe(version)
         ref = self.reference[rank::world]
-        grad = reference_gradient(model, self.make_batch(ref), self.loss_fn)
+        grad = reference_gradient(model, self.make_batch(ref) if ref else None, self.loss_fn,
+                                  num_samples=len(self.reference))
+        mine = probe_ids[owners == rank]
+        local_np = np.zeros(0)
         if len(mine):
             local = compute_influence(model, self.make_batch([self.dataset[int(i)] for i in mine]),
                                       loss_fn=self.loss_fn, reference_grad=grad)
             local_np = local.detach().double().cpu().numpy()
-        else:
-            local_np = np.zeros(0)
-        rewards = _all_gather_interleaved(local_np, len(probe_ids))
+        rewards = np.empty(len(probe_ids), np.float64)
+        for r, part in enumerate(_all_gather(local_np)):
+            rewards[owners == r] = part
         agents = self.dataset.agents
         update = update_weights([a.memory for a in agents], self.theta, [a.freq for a in agents],
                                 self.dataset.label_ids(probe_ids), rewards,
@@ -217,13 +271,14 @@ class Console:
                                 theta_floor=self.config.theta_floor)
         if update is None:
             self.skipped += 1
-            warnings.warn(f'MADS update for version {version} skipped: non-finite influence '
-                          f'(NaN/inf loss or gradients); weights unchanged.')
+            why = 'no probe candidates were logged' if not len(probe_ids) else \
+                'non-finite influence (NaN/inf loss or gradients)'
+            warnings.warn(f'MADS update for version {version} skipped: {why}; weights unchanged.')
         else:
             for agent, memory in zip(agents, update.memories):
                 agent.memory = memory
             self.theta = update.theta
-        self._publish(version)
+        self.publish(version)
         self._trim()
         metrics = self.metrics(update, rewards)
         metrics['mads/update_time_s'] = time.perf_counter() - start
@@ -236,6 +291,8 @@ class Console:
         keep_from = max(0, self.latest - 2)
         for v in [v for v in self.history if v < keep_from]:
             del self.history[v]
+        window_start = self.probe_window(self.latest + 1)[0]
+        self._saved_log = {b: ids for b, ids in self._saved_log.items() if b >= window_start}
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -244,7 +301,9 @@ class Console:
         assert self.dataset is not None
         out: dict[str, float] = {
             'mads/version': float(self.latest),
-            'mads/skipped_updates': float(self.skipped)
+            'mads/skipped_updates': float(self.skipped),
+            'mads/probe_candidates': float(self._probe_candidates),
+            'mads/probe_log_missing': float(self.log_missing),
         }
         finite = rewards[np.isfinite(rewards)]
         if len(finite):
@@ -268,15 +327,41 @@ class Console:
 
     # -- checkpointing ---------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """θ, memories, counters and every version a resume may still need."""
+    def _log_to_save(self, batches_done: int) -> dict[str, list[int]]:
+        """This rank's probe candidates of the current window logged before ``batches_done``."""
+        if self.dataset is None:
+            return {}
+        start, stop = self.probe_window(self.latest + 1)
+        batches = self.dataset.board.logged_batches(start, stop)
+        quota = self._log_quota(len(batches))
+        out = {}
+        for b in batches:
+            if b >= batches_done:
+                break
+            ids = self._saved_log.get(b)
+            ids = self.dataset.board.read_log(b) if ids is None else ids
+            if ids is not None:
+                out[str(b)] = ids[:quota].tolist()
+        return out
+
+    def state_dict(self, batches_done: Optional[int] = None) -> dict[str, Any]:
+        """θ, memories, counters, every version a resume may still need, and the probe log.
+
+        Args:
+            batches_done (int, optional): Batches done (Composer's count). With it, every rank's
+                probe candidates already logged for the next update are gathered into the state
+                (collective: call on every rank), so a resumed run draws the same probes.
+        """
         agents = self.dataset.agents if self.dataset is not None else []
+        log = _all_gather(self._log_to_save(batches_done)) if batches_done is not None else []
         return {
             'config': asdict(self.config),
             'theta': self.theta.tolist(),
             'agents': [a.state_dict() for a in agents],
             'latest': self.latest,
             'skipped': self.skipped,
+            'log_missing': self.log_missing,
+            'probe_log': log,
             'versions': {str(v): {'theta': h['theta'].tolist(),
                                   'memories': [m.tolist() for m in h['memories']]}
                          for v, h in self.history.items()},
@@ -299,6 +384,15 @@ class Console:
             agent.load_state_dict(agent_state)
         self.theta = np.asarray(state['theta'], np.float64)
         self.skipped = int(state['skipped'])
+        self.log_missing = int(state.get('log_missing', 0))
+        rank, world = _world()
+        log = state.get('probe_log') or []
+        if len(log) == world:
+            self._saved_log = {int(b): np.asarray(ids, np.int64) for b, ids in log[rank].items()}
+        elif log:
+            warnings.warn(f'The checkpoint holds probe logs of {len(log)} ranks but this run has '
+                          f'{world}: the next update draws probes only from batches read after the '
+                          'resume.')
         self.history = {}
         for v in sorted(int(k) for k in state['versions']):
             h = state['versions'][str(v)]

@@ -20,28 +20,25 @@ from __future__ import annotations
 
 import math
 import os
-from time import monotonic, sleep
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
-from streaming import StreamingDataset
-from streaming.base.dataset import _Iterator, _ShardState
-from streaming.base.shared.prefix import _get_path
 
 from streaming_mads.agents import Agent, AgentSpec, build_agents
 from streaming_mads.board import Weights, WeightBoard
 from streaming_mads.labels import LabelStore, StreamLabels, fetch_labels
+from streaming_mads.pools import batch_in_epoch, global_batch, log_positions, noise_key
 from streaming_mads.selection import combined_scores, gumbel_noise, gumbel_topk, score_tables
+from streaming_mads.streaming_internals import (SelectingStreamingDataset, check_streaming,
+                                                shared_memory_name)
 
 __all__ = ['MADSDataset']
 
-_TICK = 0.0005  # Waiting on the ready thread: finer than its own 7 ms tick.
 _BLOCK_POOLS = 64  # Pools whose labels are gathered in one vectorised read.
-_LOCAL, _REMOTE = int(_ShardState.LOCAL), int(_ShardState.REMOTE)
 
 
-class MADSDataset(StreamingDataset):
+class MADSDataset(SelectingStreamingDataset):
     """A :class:`streaming.StreamingDataset` that selects samples online by agent scores.
 
     Accepts every argument of :class:`streaming.StreamingDataset` (``streams``, ``remote``,
@@ -93,6 +90,7 @@ class MADSDataset(StreamingDataset):
         if selection_seed < 0 or version_timeout <= 0:
             raise ValueError('`selection_seed` must be >= 0 and `version_timeout` > 0.')
         super().__init__(batch_size=pool_size, **kwargs)
+        check_streaming(self)
         self.device_batch_size = batch_size
         self.pool_ratio = pool_size / batch_size
         self.pool_size = pool_size
@@ -111,14 +109,11 @@ class MADSDataset(StreamingDataset):
         last = candidates - (self.batches_per_epoch - 1) * pool_size
         self.selected_length = (self.batches_per_epoch - 1) * batch_size + min(batch_size, last)
 
-        rank_of_node = self._unique_rank_world.rank_of_node
-        self.board = WeightBoard(_get_path(self._shm_prefix_int, f'mads_board_{rank_of_node}'),
+        self.board = WeightBoard(shared_memory_name(self, 'mads_board'),
                                  [agent.num_values for agent in self.agents], board_capacity,
                                  create=True)
         self.publish(0, self.initial_theta(), [agent.memory for agent in self.agents])
         self._tables: dict[int, list[NDArray[np.float64]]] = {}
-        self._work_epoch = 0
-        self._work_offset = 0
 
     # -- labels ----------------------------------------------------------------------------
 
@@ -148,9 +143,27 @@ class MADSDataset(StreamingDataset):
         """Equal collaborative weights (version 0 before a console publishes its own)."""
         return np.full(len(self.agents), 1.0 / len(self.agents))
 
-    def configure_schedule(self, update_interval: int, lead: int) -> None:
-        """Attach a console: version ``v`` governs batches ``[v·W, (v+1)·W)`` (see the board)."""
-        self.board.configure(update_interval, lead)
+    def trainer_batches_per_epoch(self, drop_last: bool) -> int:
+        """Batches per epoch a DataLoader over this dataset yields (``drop_last`` or not)."""
+        return len(self) // self.device_batch_size if drop_last else self.batches_per_epoch
+
+    def configure_schedule(self, update_interval: int, lead: int,
+                           batches_per_epoch: Optional[int] = None) -> None:
+        """Attach a console: version ``v`` governs batches ``[v·W, (v+1)·W)`` (see the board).
+
+        Args:
+            update_interval (int): ``W``, batches per version.
+            lead (int): ``L``, batches ahead of its first batch that a version is published.
+            batches_per_epoch (int, optional): Batches the trainer really runs per epoch (after
+                the DataLoader's ``drop_last`` and the trainer's ``train_subset_num_batches``);
+                global batch numbers, and so versions, follow it. Defaults to every pool.
+        """
+        if batches_per_epoch is None:
+            batches_per_epoch = self.batches_per_epoch
+        if not 1 <= batches_per_epoch <= self.batches_per_epoch:
+            raise ValueError(f'batches_per_epoch={batches_per_epoch} must be between 1 and the '
+                             f'{self.batches_per_epoch} pools this rank has per epoch.')
+        self.board.configure(update_interval, lead, batches_per_epoch)
 
     def publish(self, version: int, theta: NDArray, memories: Sequence[NDArray]) -> None:
         """Publish a weight version to this rank's workers (call from the rank's main process)."""
@@ -199,10 +212,6 @@ class MADSDataset(StreamingDataset):
 
     # -- selection in the workers ----------------------------------------------------------
 
-    def _get_work(self, epoch: int, sample_in_epoch: int) -> NDArray[np.int64]:
-        self._work_epoch, self._work_offset = epoch, sample_in_epoch
-        return super()._get_work(epoch, sample_in_epoch)
-
     def _tables_for(self, version: int, batch: int) -> list[NDArray[np.float64]]:
         tables = self._tables.get(version)
         if tables is None:
@@ -213,13 +222,17 @@ class MADSDataset(StreamingDataset):
             self._tables[version] = tables
         return tables
 
-    def _selections(self, sample_ids: NDArray[np.int64]) -> Iterator[tuple[int, NDArray]]:
-        """For each pool of this worker's candidates: its start and the kept positions."""
-        world = self._parallel_worker_world
-        workers, worker = world.workers_per_rank, world.worker_of_rank
-        ranks, rank = world.num_ranks, world.rank
-        epoch = self._work_epoch
-        first_batch = self._work_offset // (self.pool_size * ranks)
+    def select_pools(self, sample_ids: NDArray[np.int64]) -> Iterator[tuple[int, NDArray]]:
+        """For each pool of this worker's candidates: its start and the kept positions.
+
+        A pool past the trainer's batches per epoch (the partial pool ``drop_last`` drops, or
+        batches beyond ``train_subset_num_batches``) is never counted by the trainer: it is
+        selected with the epoch's last version and neither logged nor counted.
+        """
+        ranks, rank, workers, worker = self.worker_layout
+        epoch, offset = self.work_position
+        first_batch = offset // (self.pool_size * ranks)
+        per_epoch = self.board.batches_per_epoch or self.batches_per_epoch
         pool, total = self.pool_size, len(sample_ids)
         block = pool * _BLOCK_POOLS
         for block_start in range(0, total, block):
@@ -227,112 +240,20 @@ class MADSDataset(StreamingDataset):
             valid = ids >= 0
             labels = self.label_ids(np.where(valid, ids, 0))
             for start in range(0, len(ids), pool):
-                p = (block_start + start) // pool
-                batch_in_epoch = first_batch + p * workers + worker
-                batch = epoch * self.batches_per_epoch + batch_in_epoch
+                b = batch_in_epoch(first_batch, (block_start + start) // pool, workers, worker)
+                batch = global_batch(epoch, min(b, per_epoch - 1), per_epoch)
                 tables = self._tables_for(self.board.version_for_batch(batch), batch)
                 end = min(start + pool, len(ids))
                 scores = combined_scores(tables, [lab[start:end] for lab in labels])
                 scores[~valid[start:end]] = -np.inf
-                noise = gumbel_noise((self.selection_seed, epoch, batch_in_epoch * ranks + rank),
-                                     end - start)
-                keep = gumbel_topk(scores, noise, self.device_batch_size, self.temperature)
-                self.board.record_kept(worker, [lab[start + keep] for lab in labels])
+                key = noise_key(self.selection_seed, epoch, b, rank, ranks)
+                keep = gumbel_topk(scores, gumbel_noise(key, end - start),
+                                   self.device_batch_size, self.temperature)
+                if b < per_epoch:
+                    self.board.record_kept(worker, [lab[start + keep] for lab in labels])
+                    logged = log_positions(key, valid[start:end], self.board.log_width)
+                    self.board.write_log(batch, ids[start + logged])
                 yield block_start + start, keep
-
-    # -- download threads ------------------------------------------------------------------
-    #
-    # Streaming's download and ready threads visit every candidate one at a time (a spanner
-    # lookup and a cache file lock each). At r candidates per yielded sample that per-candidate
-    # cost, multiplied by r, would dominate the loader. When selecting, these two overrides keep
-    # the parent's protocol (same indices, same predownload bound, same shard states and cache
-    # accounting) but advance over a span of candidates at a time, visiting each shard in the
-    # span once.
-
-    def _shards_of(self, it: _Iterator) -> NDArray[np.int64]:
-        shards = getattr(it, 'mads_shards', None)
-        if shards is None:
-            ids = np.asarray(it.sample_ids, np.int64)
-            shards = np.searchsorted(self.sample_offset_per_shard, ids, side='right') - 1
-            shards[ids < 0] = -1
-            it.mads_shards = shards
-        return shards
-
-    def _span_end(self, it: _Iterator, index: int) -> int:
-        """End of the next span of candidates from ``index``, within the predownload bound."""
-        end = min(it.total, index + self.pool_size)
-        if self.predownload is not None:
-            end = min(end, it.yield_index + self.predownload + 1)
-        return max(end, index + 1)
-
-    def _prepare_thread(self, it: _Iterator) -> None:
-        if self.pool_size == self.device_batch_size:
-            return super()._prepare_thread(it)
-        shards = self._shards_of(it)
-        states = self._shard_states.numpy()
-        touched = np.full(self.num_shards, -np.inf)
-        while not it.should_exit() and not self._event.is_set():
-            if it.prepare_index == it.total or it.ready_index == it.total:
-                it.prepare_index = it.total
-                break
-            if self.predownload is not None and \
-                    self.predownload < it.prepare_index - it.yield_index:
-                sleep(_TICK)
-                continue
-            end = self._span_end(it, it.prepare_index)
-            now = monotonic()
-            for shard in np.unique(shards[it.prepare_index:end]):
-                # Re-touch a local shard at most every second (keeps its LRU time fresh).
-                if shard >= 0 and (states[shard] != _LOCAL or now - touched[shard] > 1.0):
-                    self.prepare_shard(int(shard), False)
-                    touched[shard] = now
-            it.prepare_index = end
-        it.on_exit()
-
-    def _ready_thread(self, it: _Iterator) -> None:
-        if self.pool_size == self.device_batch_size:
-            return super()._ready_thread(it)
-        shards = self._shards_of(it)
-        states = self._shard_states.numpy()
-        while not it.should_exit() and not self._event.is_set():
-            if it.ready_index == it.total:
-                break
-            if self.predownload is not None and \
-                    self.predownload < it.ready_index - it.yield_index:
-                sleep(_TICK)
-                continue
-            end = self._span_end(it, it.ready_index)
-            for shard in np.unique(shards[it.ready_index:end]):
-                if shard < 0:
-                    continue
-                if states[shard] == _REMOTE:  # Evicted meanwhile: fetch it again.
-                    self.prepare_shard(int(shard), False)
-                while states[shard] != _LOCAL and not self._event.is_set():
-                    sleep(_TICK)
-            it.ready_index = end
-        it.on_exit()
-
-    def _each_sample_id(self, it: _Iterator) -> Iterator[int]:
-        """Yield the kept candidates of each pool, once downloaded (parent's loop otherwise)."""
-        if self.pool_size == self.device_batch_size:
-            yield from super()._each_sample_id(it)
-            return
-        stopped = False
-        for start, keep in self._selections(it.sample_ids):
-            for pos in keep:
-                index = start + int(pos)
-                while it.ready_index <= index and not stopped:
-                    stopped = it.should_exit() or self._event.is_set()
-                    sleep(_TICK)
-                if stopped or it.should_exit():
-                    stopped = True
-                    break
-                it.yield_index = index
-                yield int(it.sample_ids[index])
-            if stopped:
-                break
-            it.yield_index = min(start + self.pool_size, it.total)
-        it.on_exit()
 
     def __del__(self) -> None:
         board = self.__dict__.get('board')

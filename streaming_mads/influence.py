@@ -260,42 +260,67 @@ def _check_supported(model: nn.Module) -> None:
 # Reference gradient.
 
 
-def _all_reduce_mean(grads: Sequence[Tensor]) -> None:
-    """Average ``grads`` in place across ranks, one flat buffer per (dtype, device)."""
+def _all_reduce_sum(grads: Sequence[Tensor]) -> None:
+    """Sum ``grads`` in place across ranks, one flat buffer per (dtype, device)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    world_size = dist.get_world_size()
     buckets: 'OrderedDict[Tuple[torch.dtype, torch.device], List[Tensor]]' = OrderedDict()
     for grad in grads:
         buckets.setdefault((grad.dtype, grad.device), []).append(grad)
     for tensors in buckets.values():
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
-        flat.div_(world_size)
         offset = 0
         for tensor in tensors:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
 
 
+def _global_count(local: int, device: torch.device) -> int:
+    """Reference samples over all ranks (``local`` without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    count = torch.tensor([local], dtype=torch.float64, device=device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
 def reference_gradient(model: nn.Module,
                        reference_batch: Any,
                        loss_fn: PerSampleLoss = causal_lm_per_sample_loss,
-                       params: Optional[Iterable[nn.Parameter]] = None) -> ReferenceGradient:
+                       params: Optional[Iterable[nn.Parameter]] = None,
+                       num_samples: Optional[int] = None) -> ReferenceGradient:
     """Gradient of the reference loss (mean of per-sample losses) over the covered parameters.
 
     ``params`` restricts the set further (default: :func:`covered_parameters`). Runs one ordinary
-    forward/backward in eval mode with ``torch.autograd.grad`` (``.grad`` untouched). Under an
-    initialised ``torch.distributed`` process group the result is averaged over ranks, so every
-    rank must call this with a reference batch of its own.
+    forward/backward in eval mode with ``torch.autograd.grad`` (``.grad`` untouched).
+
+    Under an initialised ``torch.distributed`` process group every rank must call this (it is
+    collective) with its own share of the reference set, and every rank gets the exact mean over
+    *all* reference samples: each rank sums its per-sample gradients, the sums are added across
+    ranks and divided by the total count. Shares may differ in size, and a rank with no share
+    passes ``reference_batch=None``.
+
+    Args:
+        model (nn.Module): The live model.
+        reference_batch (Any): This rank's reference batch, or ``None`` for none.
+        loss_fn (PerSampleLoss): Per-sample loss adapter.
+        params (Iterable[nn.Parameter], optional): Parameters to take the gradient of.
+        num_samples (int, optional): Reference samples over all ranks, when known; otherwise
+            counted with one extra all-reduce.
     """
     net = _unwrap_ddp(model)
     _check_supported(net)
     selected = _select_params(net, params)
-    with _influence_mode(net):
-        loss = _per_sample_losses(loss_fn, net, reference_batch).mean()
-        grads = torch.autograd.grad(loss, selected, allow_unused=True)
+    grads: Sequence[Optional[Tensor]] = [None] * len(selected)
+    local = 0
+    if reference_batch is not None:
+        with _influence_mode(net):
+            losses = _per_sample_losses(loss_fn, net, reference_batch)
+            local = int(losses.shape[0])
+            grads = torch.autograd.grad(losses.sum(), selected, allow_unused=True)
     out: ReferenceGradient = OrderedDict()
     for param, grad in zip(selected, grads):
         if grad is None:
@@ -303,7 +328,14 @@ def reference_gradient(model: nn.Module,
         elif grad.is_sparse:
             grad = grad.to_dense()
         out[param] = grad.detach()
-    _all_reduce_mean(list(out.values()))
+    total = num_samples if num_samples is not None else \
+        _global_count(local, selected[0].device if selected else torch.device('cpu'))
+    if total < 1:
+        raise InfluenceError('The reference set is empty on every rank: give at least one '
+                             'reference sample.')
+    _all_reduce_sum(list(out.values()))
+    for grad in out.values():
+        grad.div_(total)
     return out
 
 

@@ -269,6 +269,7 @@ def fetch_labels(stream: Any) -> None:
     Uses Streaming's own downloader (every backend Streaming supports, with its retries), into a
     temporary name renamed into place, so several ranks of a node may race harmlessly.
     """
+    from streaming_mads.streaming_internals import download_file
     if not stream.remote:
         return
     local_dir = labels_dir(os.path.join(stream.local, stream.split or ''))
@@ -280,7 +281,7 @@ def fetch_labels(stream: Any) -> None:
         if not os.path.isfile(dest):
             tmp = f'{rel}.{uuid.uuid4().hex}.tmp'
             try:
-                os.replace(stream._download_file(rel, tmp), dest)
+                os.replace(download_file(stream, rel, tmp), dest)
             except Exception as err:  # Streaming raises backend-specific errors.
                 raise LabelError(f'Could not download MADS labels {rel} of stream '
                                  f'{stream.remote}: {err}. Label the remote stream with '
