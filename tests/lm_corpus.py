@@ -51,7 +51,8 @@ def write_reference(out: str, n: int = 64, seed: int = 1) -> str:
 
 def make_trainer(data: str, reference: str, *, max_duration: str = '48ba', seed: int = 17,
                  console: Optional[dict] = None, num_workers: int = 0,
-                 dataset: Optional[dict] = None, **trainer_kwargs: Any):
+                 dataset: Optional[dict] = None, loader: Optional[dict] = None,
+                 **trainer_kwargs: Any):
     """A real Composer Trainer: tiny GPT-2, MADSDataset, AgentConsole."""
     import torch
     from composer import Trainer
@@ -66,12 +67,13 @@ def make_trainer(data: str, reference: str, *, max_duration: str = '48ba', seed:
     reproducibility.seed_all(seed)
     ds = MADSDataset(local=data, batch_size=8, shuffle=True, shuffle_seed=seed,
                      **{'pool_ratio': 2, 'temperature': 0.5, **(dataset or {})})
-    loader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=TokenCollator())
+    dataloader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=TokenCollator(),
+                            **(loader or {}))
     model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=seed, n_embd=32)  # Dropout on.
     algo = AgentConsole(reference=reference, **{'update_interval': 6, 'probe_size': 48,
                                                 'reference_size': 32, 'lr_memory': 1.0,
                                                 **(console or {})})
-    return Trainer(model=model, train_dataloader=loader, max_duration=max_duration,
+    return Trainer(model=model, train_dataloader=dataloader, max_duration=max_duration,
                    optimizers=torch.optim.AdamW(model.parameters(), lr=3e-3), algorithms=[algo],
                    seed=seed, device='cpu', progress_bar=False, log_to_console=False,
                    **trainer_kwargs), algo, ds

@@ -148,3 +148,26 @@ def test_text_reference_is_tokenised_like_the_training_data(tmp_path):
     assert samples[0]['tokens'].max() < 300  # The training tokenizer's vocabulary.
     with pytest.raises(FileNotFoundError, match='does not exist'):
         load_reference(str(tmp_path / 'missing'), 4, dataset=ds)
+
+
+@pytest.mark.parametrize('case', ['drop_last', 'subset'])
+def test_versions_follow_composers_batches_over_epochs(tmp_path, case):
+    # 325 samples in pools of 16: 20 full pools and one of 5 candidates (a partial batch of 5 < 8
+    # that drop_last drops); or Composer's train_subset_num_batches cutting each epoch at 7.
+    data = write_corpus(os.path.join(tmp_path, 'data'), n=325)
+    ref = write_reference(os.path.join(tmp_path, 'ref'))
+    mem = InMemoryLogger()
+    kwargs = {'loader': {'drop_last': True}} if case == 'drop_last' else \
+        {'train_subset_num_batches': 7}
+    trainer, algo, ds = make_trainer(data, ref, max_duration='3ep', num_workers=2, loggers=[mem],
+                                     console={'update_interval': 6, 'probe_size': 8},
+                                     dataset={'version_timeout': 30}, **kwargs)
+    per_epoch = 20 if case == 'drop_last' else 7
+    assert ds.batches_per_epoch == 21
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 3 * per_epoch
+    assert ds.board.batches_per_epoch == per_epoch
+    # Every update found the logged pools of exactly the batches Composer ran since the last one.
+    missing = _series(mem, 'mads/probe_log_missing')
+    assert len(missing) == (3 * per_epoch + algo.console.lead) // 6 and missing[-1] == 0
+    assert min(_series(mem, 'mads/probe_candidates')) > 0

@@ -235,3 +235,39 @@ def test_spawned_persistent_workers_follow_versions_across_epochs(mds_dir):
             assert domains_of(batch['id'].tolist()) == set(version_top(b // interval)), b
             b += 1
     assert b == 2 * per_epoch
+
+
+@pytest.mark.parametrize('drop_last', [True, False])
+def test_versions_follow_the_trainers_batches_over_epochs(tmp_path, drop_last):
+    # 603 samples: 75 full pools of 8 and a last pool of 3 candidates, a partial batch (3 < B)
+    # that drop_last drops. Global batch numbers must follow the batches the DataLoader yields.
+    data = write_labelled_stream(os.path.join(tmp_path, 'odd'), range(603))
+    interval, lead = 6, 5
+    ds = MADSDataset(local=data, batch_size=B, pool_ratio=2, temperature=0.0, agents=['domain'],
+                     version_timeout=30)
+    assert ds.batches_per_epoch == 76
+    per_epoch = ds.trainer_batches_per_epoch(drop_last)
+    assert per_epoch == (75 if drop_last else 76)
+    ds.configure_schedule(interval, lead, per_epoch)
+    publish_versions(ds, range(1))
+    loader = DataLoader(ds, batch_size=B, num_workers=2, prefetch_factor=2, drop_last=drop_last)
+    g = published = 0
+    for _ in range(3):
+        seen = 0
+        for batch in loader:
+            ids = batch['id'].tolist()
+            if len(ids) == B:  # The partial batch keeps all of its 3 candidates.
+                assert domains_of(ids) == set(version_top(g // interval)), (g, drop_last)
+            g += 1
+            seen += 1
+            if g == (published + 1) * interval - lead:
+                published += 1
+                publish_versions(ds, range(published, published + 1))
+        assert seen == per_epoch
+    assert g == 3 * per_epoch
+
+
+def test_trainer_batches_per_epoch_is_bounded(mds_dir):
+    ds = MADSDataset(local=mds_dir, batch_size=B, pool_ratio=2, agents=['domain'])
+    with pytest.raises(ValueError, match='batches_per_epoch=76 must be between 1 and the 75'):
+        ds.configure_schedule(6, 5, 76)

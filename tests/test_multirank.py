@@ -108,3 +108,95 @@ def test_two_ranks_gloo_console_weights_identical(tmp_path):
     assert a['metrics'] == b['metrics'] and len(a['metrics']['mads/theta/domain']) == 3
     assert a['theta'] == b['theta'] and a['agents'] == b['agents'] and a['versions'] == b['versions']
     assert a['agents'][1]['memory'] != [1.0, 1.0, 1.0]  # The updates did move the weights.
+
+
+def _spawn(target, world: int, args: tuple, timeout: float = 300) -> None:
+    port = _free_port()
+    ctx = mp.get_context('spawn')
+    procs = [ctx.Process(target=target, args=(r, world, port) + args) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        assert p.exitcode == 0
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), NODE_RANK='0', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _reference_samples(n: int) -> list:
+    from lm_corpus import pattern
+    rng = np.random.default_rng(5)
+    return [{'tokens': pattern(rng).astype(np.int32)} for _ in range(n)]
+
+
+def _gradient_rank_main(rank: int, world: int, port: int, out: str) -> None:
+    _env(rank, world, port)
+    import torch
+    import torch.distributed as dist
+    from lm_corpus import SEQ, VOCAB
+
+    from streaming_mads.collate import TokenCollator
+    from streaming_mads.influence import reference_gradient
+    from streaming_mads.models import build_causal_lm
+    dist.init_process_group('gloo')
+    model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=3, n_embd=32)
+    for size in SIZES:
+        share = _reference_samples(size)[rank::world]  # Shares of 1, 1, 0 or 2, 1, 1 samples.
+        grad = reference_gradient(model, TokenCollator()(share) if share else None,
+                                  num_samples=size)
+        torch.save([g for g in grad.values()], os.path.join(out, f'grad{size}-{rank}.pt'))
+    dist.destroy_process_group()
+
+
+SIZES = (2, 4)
+
+
+def test_three_ranks_reference_gradient_is_the_exact_mean(tmp_path):
+    import torch
+    from lm_corpus import SEQ, VOCAB
+
+    from streaming_mads.collate import TokenCollator
+    from streaming_mads.influence import reference_gradient
+    from streaming_mads.models import build_causal_lm
+    _spawn(_gradient_rank_main, 3, (str(tmp_path),), timeout=120)
+    model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=3, n_embd=32)
+    for size in SIZES:
+        batch = TokenCollator()(_reference_samples(size))
+        expected = list(reference_gradient(model, batch).values())
+        for rank in range(3):
+            got = torch.load(os.path.join(tmp_path, f'grad{size}-{rank}.pt'))
+            assert len(got) == len(expected)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def _console_three_main(rank: int, world: int, port: int, data: str, ref: str, out: str) -> None:
+    _env(rank, world, port)
+    from composer.loggers import InMemoryLogger
+    from lm_corpus import make_trainer
+
+    mem = InMemoryLogger()
+    trainer, algo, _ = make_trainer(data, ref, max_duration='14ba', num_workers=1, loggers=[mem],
+                                    console={'reference_size': 2, 'probe_size': 2})
+    trainer.fit()
+    state = algo.console.state_dict()
+    with open(os.path.join(out, f'rank{rank}.json'), 'w') as f:
+        json.dump({'theta': state['theta'], 'agents': state['agents'],
+                   'candidates': [v for _, v in mem.data['mads/probe_candidates']]}, f)
+
+
+def test_three_ranks_more_than_reference_and_probe_size(tmp_path):
+    # World 3 > reference_size 2 and probe_size 2: a rank has no reference sample and at least
+    # one has no probe, yet every rank takes part in every collective and ends identical.
+    from lm_corpus import write_corpus, write_reference
+    data = write_corpus(os.path.join(tmp_path, 'data'))
+    ref = write_reference(os.path.join(tmp_path, 'ref'))
+    _spawn(_console_three_main, 3, (data, ref, str(tmp_path)))
+    a, b, c = (json.load(open(os.path.join(tmp_path, f'rank{r}.json'))) for r in range(3))
+    assert a == b == c and len(a['candidates']) == 2 and min(a['candidates']) > 0
+    assert a['agents'][1]['memory'] != [1.0, 1.0, 1.0]  # The updates moved the weights.
