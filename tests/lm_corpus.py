@@ -27,14 +27,18 @@ def sample(domain: int, rng: np.random.Generator) -> np.ndarray:
     return np.repeat(rng.integers(0, VOCAB, SEQ // 4), 4)  # 'other': repeated tokens
 
 
-def write_corpus(out: str, n: int = 1200, seed: int = 0) -> str:
-    """MDS token samples; domain 'ref' matches the reference set, 'noise' is uniform noise."""
+def write_corpus(out: str, n: int = 1200, seed: int = 0, size_limit: int = 1 << 14,
+                 ids: bool = False) -> str:
+    """MDS token samples; domain 'ref' matches the reference set, 'noise' is uniform noise.
+
+    With ``ids``, each sample also holds its index (column ``id``).
+    """
     rng = np.random.default_rng(seed)
     domains = rng.integers(0, 3, n)
-    with MDSWriter(out=out, columns={'tokens': 'ndarray:int32'}, compression='zstd',
-                   size_limit=1 << 14) as w:
-        for d in domains:
-            w.write({'tokens': sample(int(d), rng).astype(np.int32)})
+    columns = {'tokens': 'ndarray:int32', **({'id': 'int'} if ids else {})}
+    with MDSWriter(out=out, columns=columns, compression='zstd', size_limit=size_limit) as w:
+        for i, d in enumerate(domains):
+            w.write({'tokens': sample(int(d), rng).astype(np.int32), **({'id': i} if ids else {})})
     quality = np.choose(domains, [4.5, 0.5, 2.5]) + rng.uniform(-0.4, 0.4, n)
     write_labels(out, {'domain': categorical(domains, DOMAINS), 'quality': score(quality),
                        'topic': categorical(rng.integers(0, 3, n), ['a', 'b', 'c'])})
@@ -65,8 +69,9 @@ def make_trainer(data: str, reference: str, *, max_duration: str = '48ba', seed:
     from streaming_mads.models import build_causal_lm
 
     reproducibility.seed_all(seed)
-    ds = MADSDataset(local=data, batch_size=8, shuffle=True, shuffle_seed=seed,
-                     **{'pool_ratio': 2, 'temperature': 0.5, **(dataset or {})})
+    ds = MADSDataset(local=data, batch_size=8, **{'shuffle': True, 'shuffle_seed': seed,
+                                                  'pool_ratio': 2, 'temperature': 0.5,
+                                                  **(dataset or {})})
     dataloader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=TokenCollator(),
                             **(loader or {}))
     model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=seed, n_embd=32)  # Dropout on.
