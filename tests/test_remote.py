@@ -10,46 +10,23 @@ shards far outside that set.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip('moto.server')
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+from common import cached_shards, local_s3, upload_dir  # noqa: E402
 
 SHUFFLE = dict(shuffle=True, shuffle_seed=17, shuffle_block_size=40)
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on a free local port, with credentials and Streaming's endpoint set."""
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=port)
-    server.start()
-    endpoint = f'http://127.0.0.1:{port}'
-    for key, value in {'S3_ENDPOINT_URL': endpoint, 'AWS_ACCESS_KEY_ID': 'test',
-                       'AWS_SECRET_ACCESS_KEY': 'test', 'AWS_DEFAULT_REGION': 'us-east-1'}.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1')
-    client.create_bucket(Bucket='data')
-    yield client
-    server.stop()
-
-
-def _upload(client, local: str, prefix: str) -> None:
-    for root, _, files in os.walk(local):
-        for name in files:
-            path = os.path.join(root, name)
-            client.upload_file(path, 'data', f'{prefix}/{os.path.relpath(path, local)}')
-
-
-def _cached_shards(cache: str) -> set[int]:
-    return {int(f.split('.')[1]) for f in os.listdir(cache) if f.startswith('shard.')}
+def s3():
+    """A moto S3 server on a free local port (benchmarks/common.py), bucket ``data``."""
+    with local_s3('data') as client:
+        yield client
 
 
 def test_console_updates_download_no_extra_shards(s3, tmp_path):
@@ -60,7 +37,7 @@ def test_console_updates_download_no_extra_shards(s3, tmp_path):
     data = write_corpus(os.path.join(tmp_path, 'data'), n=2400, size_limit=1 << 11,
                         ids=True)
     ref = write_reference(os.path.join(tmp_path, 'ref'))
-    _upload(s3, data, 'corpus')
+    upload_dir(s3, data, 'data', 'corpus')
     cache = os.path.join(tmp_path, 'cache')
     run_batches, pool, predownload = 24, 16, 32
     trainer, algo, ds = make_trainer(
@@ -77,6 +54,6 @@ def test_console_updates_download_no_extra_shards(s3, tmp_path):
     ahead = run_batches + 2 + predownload // pool + 1
     needed = np.unique([i for p in pools[:ahead] for i in p])
     needed_shards = set(np.searchsorted(plain.sample_offset_per_shard, needed, 'right') - 1)
-    cached = _cached_shards(cache)
+    cached = cached_shards(cache)
     assert len(needed_shards) < num_shards // 2  # So random probes would hit other shards.
     assert cached <= needed_shards, sorted(cached - needed_shards)
