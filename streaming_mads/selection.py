@@ -71,6 +71,15 @@ def _splitmix64(x: NDArray[np.uint64]) -> NDArray[np.uint64]:
         return x ^ (x >> np.uint64(31))
 
 
+def _splitmix64_int(x: int) -> int:
+    # The same finaliser on one Python int: folding a pool's key costs no array allocations.
+    m = 0xFFFFFFFFFFFFFFFF
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
 def gumbel_noise(key: Sequence[int], size: int) -> NDArray[np.float64]:
     """Standard Gumbel noise for positions ``0..size-1`` of the pool identified by ``key``.
 
@@ -83,10 +92,10 @@ def gumbel_noise(key: Sequence[int], size: int) -> NDArray[np.float64]:
             ``(seed, epoch, pool_index)``.
         size (int): Number of candidates in the pool.
     """
-    h = np.uint64(0x6A09E667F3BCC909)
+    h = 0x6A09E667F3BCC909
     for k in key:
-        h = _splitmix64(np.asarray([h ^ np.uint64(int(k) & 0xFFFFFFFFFFFFFFFF)], np.uint64))[0]
-    bits = _splitmix64(np.arange(size, dtype=np.uint64) ^ h)
+        h = _splitmix64_int(h ^ (int(k) & 0xFFFFFFFFFFFFFFFF))
+    bits = _splitmix64(np.arange(size, dtype=np.uint64) ^ np.uint64(h))
     # 53 random bits, centred in their interval so u is never 0 or 1.
     u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
     return -np.log(-np.log(u))

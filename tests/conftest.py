@@ -47,3 +47,21 @@ def write_labelled_stream(out: str, ids: Sequence[int], **kwargs) -> str:
 def mds_dir(tmp_path) -> str:
     """One labelled stream of 600 samples in several shards."""
     return write_labelled_stream(os.path.join(tmp_path, 'data'), range(600))
+
+
+
+@pytest.fixture(autouse=True)
+def _release_streaming_shared_memory():
+    """Unlink Streaming's shared memory after each test.
+
+    Every new StreamingDataset opens the shared memory of every earlier prefix still present to
+    find a free one, and keeps those handles open; in one process that builds hundreds of datasets
+    (this suite) the open files grow quadratically until the process runs out of them. Users build
+    one dataset per process, so this only matters here.
+    """
+    yield
+    import gc
+
+    from streaming.base.util import clean_stale_shared_memory
+    gc.collect()
+    clean_stale_shared_memory()
