@@ -1,8 +1,8 @@
 """Data efficiency of MADS against uniform sampling, single agents, static filtering and fixed θ.
 
 Every arm trains the same model with the same optimizer, seeds and token budget on the same
-labelled corpus (the demo corpus by default), evaluating the reference loss and per-domain
-held-out losses as it goes:
+labelled corpus (the demo corpus by default), evaluating the evaluation, reference and
+per-domain held-out losses as it goes:
 
 1. ``uniform``: plain StreamingDataset (``yamls/random-baseline-cpu.yaml``),
 2.-4. ``quality`` / ``domain`` / ``topic``: one agent, memory updated online,
@@ -11,13 +11,18 @@ held-out losses as it goes:
 6. ``fixed-theta``: all three agents with θ frozen at equal weights (no collaboration),
 7. ``mads``: all three agents, dynamic θ (``yamls/quickstart-cpu.yaml``).
 
-The data-efficiency ratio of an arm is the number of tokens it needs to reach uniform's final
-reference loss (mean over seeds) divided by uniform's budget: lower is better, the paper reports
-about 0.5. Writes ``results.md``, ``results.json`` and ``results.png`` into ``--out``.
+Every ratio is measured on the **evaluation set**: documents of the reference's kind that the
+console never sees (the reference set only steers it). An arm's costs to reach uniform's final
+evaluation loss (mean over seeds) are reported as ratios to uniform's whole run, in three units:
+tokens, training wall time (loader at the pool ratio and console updates included, evaluation
+excluded) and FLOPs (training plus the console's forward/backward passes); lower is better, the
+paper reports about 0.5 in tokens. Seeds vary the shuffle, selection and console seeds together;
+a gap to full MADS is marked when it exceeds two standard errors of the per-seed ratios. Writes
+``results.md``, ``results.json`` and ``results.png`` into ``--out``.
 
 Run: ``python benchmarks/data_efficiency.py [--seeds 3] [--budget 600ba] [--out runs/efficiency]``
-(default budget: about 45 minutes on 2 CPU cores). ``--data DIR --reference DIR`` use any labelled
-MDS dataset and reference set instead of the demo corpus.
+(default budget: about 45 minutes on 2 CPU cores). ``--data DIR --reference DIR --evaluation DIR``
+use any labelled MDS dataset, reference set and evaluation set instead of the demo corpus.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from streaming_mads.demo import prepare_data, quiet, steps_to_reach, train_run
+from streaming_mads.demo import costs_to_reach, prepare_data, quiet, train_run, train_wall
 
 QUALITY_FINE = [0.5 * i for i in range(1, 10)]  # 10 bins over 0-5
 ARMS: dict[str, tuple[str, list[str]]] = {
@@ -48,49 +53,89 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+COSTS = ('tokens', 'wall', 'flops')
+
+
 def _interp(steps: list[int], losses: list[float], grid: np.ndarray) -> np.ndarray:
     return np.interp(grid, steps, losses)
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per arm: final reference loss (mean, std), held-out losses, data-efficiency ratio."""
-    uniform_final = float(np.mean([r['eval']['reference'][1][-1] for r in runs['uniform']]))
-    budget = runs['uniform'][0]['batches']
-    out: dict[str, Any] = {'uniform_final_reference_loss': uniform_final, 'arms': {}}
+def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], float, int]:
+    """Mean and std of the reached ratios, and how many seeds never reached the target."""
+    reached = [v for v in values if v is not None]
+    missed = len(values) - len(reached)
+    if not reached:
+        return None, 0.0, missed
+    return float(np.mean(reached)), float(np.std(reached, ddof=1) if len(reached) > 1 else 0.0), \
+        missed
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], label: str = 'evaluation') -> dict[str, Any]:
+    """Per arm: final loss (mean, std), held-out losses, and the three costs to reach uniform."""
+    uniform = runs['uniform']
+    target = float(np.mean([r['eval'][label][1][-1] for r in uniform]))
+    budget_tokens = int(np.mean([r['tokens'] for r in uniform]))
+    budget_wall = float(np.mean([train_wall(r) for r in uniform]))
+    out: dict[str, Any] = {'label': label, 'target': target, 'arms': {}}
     for arm, seeds in runs.items():
-        finals = [r['eval']['reference'][1][-1] for r in seeds]
-        reach = [steps_to_reach(*r['eval']['reference'], uniform_final) for r in seeds]
-        # Mean curve over seeds, then the step it reaches uniform's final loss.
-        steps = seeds[0]['eval']['reference'][0]
-        mean_curve = np.mean([_interp(*r['eval']['reference'], np.asarray(steps)) for r in seeds], 0)
-        reach_mean = steps_to_reach(steps, mean_curve.tolist(), uniform_final)
+        finals = [r['eval'][label][1][-1] for r in seeds]
+        per_seed = [costs_to_reach(r, label, target, budget_tokens, budget_wall) for r in seeds]
+        steps = seeds[0]['eval'][label][0]
+        mean_curve = np.mean([_interp(*r['eval'][label], np.asarray(steps)) for r in seeds], 0)
         heldout = {k[len('heldout_'):]: float(np.mean([r['eval'][k][1][-1] for r in seeds]))
                    for k in seeds[0]['eval'] if k.startswith('heldout_')}
+        costs = {}
+        for cost in COSTS:
+            mean, std, missed = _mean_std([c[cost] for c in per_seed])
+            costs[cost] = {'mean': mean, 'std': std, 'missed': missed,
+                           'per_seed': [c[cost] for c in per_seed]}
         out['arms'][arm] = {
             'final_mean': float(np.mean(finals)), 'final_std': float(np.std(finals)),
-            'ratio': None if reach_mean is None else reach_mean / budget,
-            'ratio_per_seed': [None if x is None else x / budget for x in reach],
-            'heldout': heldout, 'curve_steps': steps, 'curve_mean': mean_curve.tolist(),
-            'console_share': float(np.mean([r['console_time_s'] / r['wall_s'] for r in seeds])),
+            'costs': costs, 'heldout': heldout, 'curve_steps': steps,
+            'curve_mean': mean_curve.tolist(),
+            'curve_tokens': [s * seeds[0]['tokens'] / seeds[0]['batches'] for s in steps],
+            'curve_wall': np.mean([[r['clock'][s] for s in steps] for r in seeds], 0).tolist(),
+            'console_share': float(np.mean([r['console_time_s'] / train_wall(r) for r in seeds])),
         }
     return out
 
 
+def _gap_beyond_two_se(a: dict[str, Any], b: dict[str, Any]) -> Optional[bool]:
+    """Whether two arms' mean token ratios differ by more than two standard errors."""
+    x = [v for v in a['costs']['tokens']['per_seed'] if v is not None]
+    y = [v for v in b['costs']['tokens']['per_seed'] if v is not None]
+    if len(x) < 2 or len(y) < 2:
+        return None
+    se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))
+    return bool(abs(np.mean(x) - np.mean(y)) > 2 * se)
+
+
+def _cell(cost: dict[str, Any]) -> str:
+    if cost['mean'] is None:
+        return '> 1 (not reached)'
+    missed = f' ({cost["missed"]} seeds > 1)' if cost['missed'] else ''
+    return f'{cost["mean"]:.2f} ± {cost["std"]:.2f}{missed}'
+
+
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     domains = sorted(next(iter(summary['arms'].values()))['heldout'])
-    head = '| arm | final ref loss (mean ± std) | data-efficiency ratio | ' + \
-        ' | '.join(f'held-out {d}' for d in domains) + ' |'
-    lines = [head, '|' + ' --- |' * (3 + len(domains))]
+    head = (f'| arm | final {summary["label"]} loss (mean ± std) | tokens | wall time | FLOPs | '
+            f'gap to MADS > 2 SE | ' + ' | '.join(f'held-out {d}' for d in domains) + ' |')
+    lines = [head, '|' + ' --- |' * (6 + len(domains))]
+    mads = summary['arms'].get('mads')
     for arm, s in summary['arms'].items():
-        ratio = '> 1 (not reached)' if s['ratio'] is None else f'{s["ratio"]:.2f}'
-        lines.append(f'| {arm} | {s["final_mean"]:.4f} ± {s["final_std"]:.4f} | {ratio} | ' +
+        gap = '' if mads is None or arm == 'mads' else _gap_beyond_two_se(s, mads)
+        gap_text = '' if gap == '' else ('n/a' if gap is None else ('yes' if gap else 'no'))
+        lines.append(f'| {arm} | {s["final_mean"]:.4f} ± {s["final_std"]:.4f} | ' +
+                     ' | '.join(_cell(s['costs'][c]) for c in COSTS) + f' | {gap_text} | ' +
                      ' | '.join(f'{s["heldout"][d]:.3f}' for d in domains) + ' |')
     lines.append('')
-    lines.append(f'{meta["seeds"]} seeds per arm, {meta["budget_batches"]} batches x '
-                 f'{meta["tokens_per_batch"]} tokens each; ratio = tokens to reach uniform\'s final '
-                 f'reference loss ({summary["uniform_final_reference_loss"]:.4f}) / uniform\'s '
-                 f'tokens, on the mean curve over seeds. Machine: {meta["machine"]}; '
-                 f'{meta["minutes"]:.0f} min. Command: `{meta["command"]}`')
+    lines.append(f'{meta["seeds"]} seeds per arm (mean ± std over seeds), {meta["budget_batches"]} '
+                 f'batches x {meta["tokens_per_batch"]} tokens each; each cost is what an arm '
+                 f'needs to reach uniform\'s final {summary["label"]} loss '
+                 f'({summary["target"]:.4f}, mean over seeds), as a share of uniform\'s whole run. '
+                 f'Machine: {meta["machine"]}; {meta["minutes"]:.0f} min. Command: '
+                 f'`{meta["command"]}`')
     return '\n'.join(lines)
 
 
@@ -101,14 +146,17 @@ def plot(summary: dict[str, Any], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for arm, s in summary['arms'].items():
-        ax.plot(s['curve_steps'], s['curve_mean'], label=arm, lw=2.5 if arm == 'mads' else 1.2,
-                ls='--' if arm == 'uniform' else '-')
-    ax.axhline(summary['uniform_final_reference_loss'], color='grey', lw=0.6)
-    ax.set(xlabel='batch (equal tokens per batch in every arm)', ylabel='reference loss',
-           title='reference loss, mean over seeds')
-    ax.legend()
+        style = dict(label=arm, lw=2.5 if arm == 'mads' else 1.2,
+                     ls='--' if arm == 'uniform' else '-')
+        axes[0].plot(np.asarray(s['curve_tokens']) / 1e6, s['curve_mean'], **style)
+        axes[1].plot(s['curve_wall'], s['curve_mean'], **style)
+    for ax, xlabel in zip(axes, ('tokens (M)', 'training wall time (s)')):
+        ax.axhline(summary['target'], color='grey', lw=0.6)
+        ax.set(xlabel=xlabel, ylabel=f'{summary["label"]} loss',
+               title=f'{summary["label"]} loss (never seen by the console), mean over seeds')
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -122,23 +170,33 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument('--budget', default=None, help='max_duration of every arm, e.g. 600ba')
     parser.add_argument('--arms', default=','.join(ARMS), help='comma-separated subset')
     parser.add_argument('--data', help='labelled MDS dataset (default: build the demo corpus)')
-    parser.add_argument('--reference', help='reference MDS set (with --data)')
+    parser.add_argument('--reference', help='reference MDS set, steers the console (with --data)')
+    parser.add_argument('--evaluation', help='evaluation MDS set, only measured (with --data)')
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='extra override for every arm (repeatable)')
     parser.add_argument('--reuse', metavar='RESULTS_JSON',
                         help='take the runs of --reuse-arms from an earlier results.json (arms '
                         'whose configuration did not change, e.g. uniform)')
     parser.add_argument('--reuse-arms', default='uniform')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: a small corpus, 1 seed, uniform and mads, 12 batches '
+                        '(checks the pipeline; its figures mean nothing)')
     args = parser.parse_args(argv)
+    corpus = dict(code_bytes=1_200_000, seq_len=128, vocab_size=4096)
+    if args.quick:
+        corpus = dict(code_bytes=150_000, seq_len=64, vocab_size=512)
+        args.seeds, args.arms, args.budget = 1, 'uniform,mads', '12ba'
+        args.set = args.set + ['eval_interval=6ba', 'scheduler.t_warmup=1ba']
     quiet()
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     if args.data:
-        if not args.reference:
-            parser.error('--data needs --reference')
-        paths: dict[str, Any] = {'data': args.data, 'reference': args.reference, 'heldout': {}}
+        if not (args.reference and args.evaluation):
+            parser.error('--data needs --reference and --evaluation (disjoint documents)')
+        paths: dict[str, Any] = {'data': args.data, 'reference': args.reference,
+                                 'evaluation': args.evaluation, 'heldout': {}}
     else:
-        paths = prepare_data(os.path.join(args.out, 'corpus'), 1_200_000, 128, 4096, False)
+        paths = prepare_data(os.path.join(args.out, 'corpus'), progress=False, **corpus)
     arms = [a for a in args.arms.split(',') if a]
     if 'uniform' not in arms:
         parser.error('the uniform arm is the yardstick: keep it in --arms')
@@ -148,19 +206,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         with open(args.reuse) as f:
             earlier = json.load(f)['runs']
         for arm in args.reuse_arms.split(','):
-            if arm in runs and len(earlier.get(arm, [])) >= args.seeds:
-                runs[arm] = earlier[arm][:args.seeds]
+            usable = [r for r in earlier.get(arm, []) if 'clock' in r and 'evaluation' in r['eval']]
+            if arm in runs and len(usable) >= args.seeds:
+                runs[arm] = usable[:args.seeds]
                 reused.add(arm)
     for seed in range(args.seeds):
         for arm in [a for a in arms if a not in reused]:
             yaml_name, overrides = ARMS[arm]
-            overrides = overrides + [f'seed={seed}', f'train_loader.dataset.shuffle_seed={seed}'] + \
-                args.set + ([f'max_duration={args.budget}'] if args.budget else [])
+            seeds = [f'seed={seed}', f'train_loader.dataset.shuffle_seed={seed}']
+            if yaml_name == 'quickstart-cpu.yaml':
+                seeds.append(f'train_loader.dataset.selection_seed={seed}')
+                if not any(o.startswith('algorithms={}') for o in overrides):
+                    seeds.append(f'algorithms.mads_console.seed={seed}')
+                    if args.quick:
+                        seeds.append('algorithms.mads_console.update_interval=5')
+            overrides = overrides + seeds + args.set + \
+                ([f'max_duration={args.budget}'] if args.budget else [])
             t0 = time.perf_counter()
             res = train_run(yaml_name, paths, overrides)
             runs[arm].append(res)
-            print(f'[data-efficiency] seed {seed} {arm:<15} ref loss '
-                  f'{res["eval"]["reference"][1][-1]:.4f} ({time.perf_counter() - t0:.0f}s)',
+            print(f'[data-efficiency] seed {seed} {arm:<15} eval loss '
+                  f'{res["eval"]["evaluation"][1][-1]:.4f} ({time.perf_counter() - t0:.0f}s)',
                   flush=True)
     summary = summarize(runs)
     meta = {'seeds': args.seeds, 'budget_batches': runs['uniform'][0]['batches'],

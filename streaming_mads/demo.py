@@ -4,11 +4,17 @@ Steps (all local, nothing downloaded):
 
 1. write the demo corpus text (:mod:`streaming_mads.demo_corpus`),
 2. ``mads convert`` it to MDS (a BPE tokenizer trained on it, one stream with a domain column),
-   and the held-out sets and the reference set with the same tokenizer,
+   and the held-out sets, the reference set (which steers the console) and the evaluation set
+   (documents of the reference's kind the console never sees) with the same tokenizer,
 3. ``mads label`` it (domain, heuristic quality, 13 TF-IDF k-means topics),
 4. train ``yamls/quickstart-cpu.yaml`` (MADS) and ``yamls/random-baseline-cpu.yaml`` (uniform)
-   with the same seed, model and token budget, evaluating the reference loss as they go,
+   with the same seed, model and token budget, evaluating as they go,
 5. print a table and write ``results.json`` and ``results.png`` to the output folder.
+
+Data efficiency is reported on the evaluation set (and, for comparison, on the reference set)
+in three costs to reach uniform's final loss: tokens, training wall time (loader at the pool
+ratio and console updates included, evaluation excluded) and FLOPs (training plus the console's
+forward/backward passes).
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ import shutil
 import time
 from typing import Any, Optional, Sequence
 
-__all__ = ['run_demo', 'steps_to_reach', 'prepare_data', 'train_run', 'quiet']
+import numpy as np
+from composer import Callback
+
+from streaming_mads.console import ConsoleConfig
+
+__all__ = ['run_demo', 'steps_to_reach', 'costs_to_reach', 'train_wall', 'prepare_data',
+           'train_run', 'quiet', 'TrainClock']
 
 _REPO_YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'yamls')
 
@@ -35,6 +47,70 @@ def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: floa
             return float(prev_s + (s - prev_s) * (prev_l - target) / (prev_l - l))
         prev_s, prev_l = s, l
     return None
+
+
+class TrainClock(Callback):
+    """Training wall time after each batch, evaluation excluded (console updates included).
+
+    Composer's own ``total_wct`` also counts the time spent evaluating, which is the same for
+    every arm and would blur the ratio of two arms' times to a target loss.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.in_eval = 0.0
+        self._eval_start = 0.0
+        self.times: dict[int, float] = {}
+
+    def fit_start(self, state: Any, logger: Any) -> None:
+        self.start = time.perf_counter()
+
+    def eval_start(self, state: Any, logger: Any) -> None:
+        self._eval_start = time.perf_counter()
+
+    def eval_end(self, state: Any, logger: Any) -> None:
+        self.in_eval += time.perf_counter() - self._eval_start
+
+    def batch_end(self, state: Any, logger: Any) -> None:
+        # Algorithms (the console) run before callbacks at BATCH_END: their time is counted.
+        self.times[int(state.timestamp.batch)] = time.perf_counter() - self.start - self.in_eval
+
+
+def train_wall(run: dict[str, Any]) -> float:
+    """A run's training wall time (evaluation excluded) over its whole budget."""
+    return max(run['clock'].values())
+
+
+def costs_to_reach(run: dict[str, Any], label: str, target: float, budget_tokens: int,
+                   budget_wall: float) -> dict[str, Any]:
+    """Tokens, wall time and FLOPs ``run`` needs to bring its ``label`` loss down to ``target``.
+
+    Each as a ratio to a budget (uniform's whole run: lower is better; ``None`` if the target is
+    never reached). Wall time is interpolated on :class:`TrainClock`. FLOPs count
+    ``6 · parameters`` per token for training and for every console update's reference and
+    probe tokens (one forward and one backward each), so the ratio needs no parameter count:
+    ``(tokens to target + console tokens before it) / budget tokens``.
+
+    Args:
+        run (dict[str, Any]): A :func:`train_run` result.
+        label (str): Evaluation set.
+        target (float): Loss to reach (uniform's final loss).
+        budget_tokens (int): Tokens of the yardstick run.
+        budget_wall (float): Training wall time of the yardstick run (seconds).
+    """
+    reach = steps_to_reach(*run['eval'][label], target)
+    out: dict[str, Any] = {'target': target, 'batches': reach, 'tokens': None, 'wall': None,
+                           'flops': None}
+    if reach is None:
+        return out
+    clock = sorted((int(b), t) for b, t in run['clock'].items())
+    wall = float(np.interp(reach, [b for b, _ in clock], [t for _, t in clock]))
+    tokens_per_batch = run['tokens'] / run['batches']
+    updates = sum(1 for s in run['mads'].get('mads/version', ([], []))[0] if s <= reach)
+    console_tokens = updates * run.get('console_tokens_per_update', 0)
+    out.update(tokens=reach * tokens_per_batch / budget_tokens, wall=wall / budget_wall,
+               flops=(reach * tokens_per_batch + console_tokens) / budget_tokens)
+    return out
 
 
 def quiet() -> None:
@@ -73,13 +149,14 @@ def prepare_data(out: str, code_bytes: int, seq_len: int, vocab_size: int,
     heldout = os.path.join(out, 'heldout')
     convert([f'{d}={p}' for d, p in text.heldout.items()], heldout, layout='streams',
             seq_len=seq_len, tokenizer=tokenizer, overwrite=True, progress=progress)
-    reference = os.path.join(out, 'reference')
-    convert([f'reference={text.reference}'], reference, layout='single', seq_len=seq_len,
-            tokenizer=tokenizer, overwrite=True, progress=progress)
+    sets = {}
+    for name in ('reference', 'evaluation'):
+        sets[name] = os.path.join(out, name)
+        convert([f'{name}={getattr(text, name)}'], sets[name], layout='single', seq_len=seq_len,
+                tokenizer=tokenizer, overwrite=True, progress=progress)
     label_dataset(data, progress=progress)
     _say('labelled:\n' + inspect_dataset(data))
-    return {'data': data, 'reference': reference,
-            'heldout': {d: os.path.join(heldout, d) for d in text.heldout}}
+    return {'data': data, **sets, 'heldout': {d: os.path.join(heldout, d) for d in text.heldout}}
 
 
 def _series(mem: Any, key: str) -> tuple[list[int], list[float]]:
@@ -96,7 +173,8 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
     path = os.path.join(_REPO_YAMLS, yaml_name)
     cfg = load_config(path)
     cfg['train_loader']['dataset']['local'] = paths['data']
-    evals = [{'label': 'reference', 'dataset': {'local': paths['reference']}}]
+    evals = [{'label': name, 'dataset': {'local': paths[name]}}
+             for name in ('evaluation', 'reference')]
     evals += [{'label': f'heldout_{d}', 'dataset': {'local': p}}
               for d, p in sorted(paths['heldout'].items())]
     cfg['eval_loaders'] = evals
@@ -104,7 +182,8 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
         cfg['algorithms']['mads_console']['reference'] = paths['reference']
     cfg = apply_overrides(cfg, overrides)
     mem = InMemoryLogger()
-    trainer = build_trainer(cfg, extra_loggers=[mem])
+    clock = TrainClock()
+    trainer = build_trainer(cfg, extra_loggers=[mem], extra_callbacks=[clock])
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
@@ -112,7 +191,13 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
     batches = int(trainer.state.timestamp.batch.value)
     trainer.close()
     result: dict[str, Any] = {'run': cfg.get('run_name'), 'wall_s': wall, 'tokens': tokens,
-                              'batches': batches, 'eval': {}, 'mads': {}}
+                              'batches': batches, 'eval': {}, 'mads': {}, 'clock': clock.times}
+    console = (cfg.get('algorithms') or {}).get('mads_console')
+    if console:
+        per_sample = tokens / max(batches, 1) / cfg['global_train_batch_size']
+        sizes = {**vars(ConsoleConfig()), **console}
+        result['console_tokens_per_update'] = per_sample * (sizes['reference_size'] +
+                                                            sizes['probe_size'])
     for key in mem.data:
         if key.startswith('metrics/') and key.endswith('/LanguageCrossEntropy'):
             result['eval'][key.split('/')[1]] = _series(mem, key)
@@ -132,46 +217,59 @@ def _plot(results: dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     mads, uni = results['mads'], results['uniform']
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for res, name in ((uni, 'uniform'), (mads, 'MADS')):
-        steps, losses = res['eval']['reference']
-        axes[0].plot(steps, losses, marker='o', ms=3, label=name)
-    axes[0].set(title='reference loss', xlabel='batch', ylabel='cross-entropy')
+        steps, losses = res['eval']['evaluation']
+        tokens = [s * res['tokens'] / res['batches'] / 1e6 for s in steps]
+        clock = [res['clock'][s] for s in steps]
+        axes[0].plot(tokens, losses, marker='o', ms=3, label=name)
+        axes[1].plot(clock, losses, marker='o', ms=3, label=name)
+    axes[0].set(title='evaluation loss (never seen by the console)', xlabel='tokens (M)',
+                ylabel='cross-entropy')
+    axes[1].set(title='evaluation loss', xlabel='training wall time (s)')
     axes[0].legend()
     for key, (steps, values) in sorted(mads['mads'].items()):
         if key.startswith('mads/memory/domain/') or key.startswith('mads/memory/quality/'):
-            axes[1].plot(steps, values, label=key.split('/', 2)[2])
+            axes[2].plot(steps, values, label=key.split('/', 2)[2])
         if key.startswith('mads/theta/'):
-            axes[2].plot(steps, values, label=key.split('/')[-1])
-    axes[1].set(title='agent memories (relative weight)', xlabel='batch', yscale='log')
-    axes[1].legend(fontsize=7, ncol=2)
-    axes[2].set(title='collaborative weights θ', xlabel='batch')
-    axes[2].legend()
+            axes[3].plot(steps, values, label=key.split('/')[-1])
+    axes[2].set(title='agent memories (relative weight)', xlabel='batch', yscale='log')
+    axes[2].legend(fontsize=7, ncol=2)
+    axes[3].set(title='collaborative weights θ', xlabel='batch')
+    axes[3].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
+def _costs_line(costs: dict[str, Any], batches: int) -> str:
+    if costs['batches'] is None:
+        return f'not reached within {batches} batches'
+    return (f'tokens {costs["tokens"]:.2f}x, wall time {costs["wall"]:.2f}x, FLOPs '
+            f'{costs["flops"]:.2f}x (batch {costs["batches"]:.0f} of {batches})')
+
+
 def report(results: dict[str, Any]) -> str:
-    """The demo's table: reference loss over steps, efficiency, final weights."""
+    """The demo's table: losses over steps, the three costs to reach uniform, final weights."""
     mads, uni = results['mads'], results['uniform']
-    u_steps, u_loss = uni['eval']['reference']
-    m_steps, m_loss = mads['eval']['reference']
-    lines = [f'{"batch":>6} {"uniform ref loss":>17} {"MADS ref loss":>14}']
-    m_at = dict(zip(m_steps, m_loss))
-    for s, l in zip(u_steps, u_loss):
-        lines.append(f'{s:>6} {l:>17.4f} {m_at.get(s, float("nan")):>14.4f}')
-    target = u_loss[-1]
-    reach = steps_to_reach(m_steps, m_loss, target)
+    u_steps, u_eval = uni['eval']['evaluation']
+    m_eval = dict(zip(*mads['eval']['evaluation']))
+    u_ref = dict(zip(*uni['eval']['reference']))
+    m_ref = dict(zip(*mads['eval']['reference']))
+    lines = [f'{"batch":>6} {"uniform eval":>13} {"MADS eval":>10} {"uniform ref":>12} '
+             f'{"MADS ref":>9}']
+    nan = float('nan')
+    for s, l in zip(u_steps, u_eval):
+        lines.append(f'{s:>6} {l:>13.4f} {m_eval.get(s, nan):>10.4f} {u_ref.get(s, nan):>12.4f} '
+                     f'{m_ref.get(s, nan):>9.4f}')
     lines.append('')
-    if reach is None:
-        lines.append(f'MADS did not reach uniform\'s final reference loss {target:.4f} within '
-                     f'{mads["batches"]} batches.')
-    else:
-        lines.append(f'MADS reaches uniform\'s final reference loss {target:.4f} at batch '
-                     f'{reach:.0f} of {uni["batches"]}: {reach / uni["batches"]:.2f}x the data '
-                     f'(same tokens per batch).')
+    lines.append('MADS cost to reach uniform\'s final loss, as a share of uniform\'s whole run:')
+    for label, what in (('evaluation', 'evaluation set (never seen by the console)'),
+                        ('reference', 'reference set (steers the console)')):
+        costs = results['summary'][label]
+        lines.append(f'  {what}, target {costs["target"]:.4f}: '
+                     f'{_costs_line(costs, uni["batches"])}')
     for domain in sorted(k for k in uni['eval'] if k.startswith('heldout_')):
         lines.append(f'  {domain:<22} uniform {uni["eval"][domain][1][-1]:.4f}   MADS '
                      f'{mads["eval"][domain][1][-1]:.4f}')
@@ -180,7 +278,8 @@ def report(results: dict[str, Any]) -> str:
     for key, (_, values) in sorted(mads['mads'].items()):
         if key.startswith('mads/memory/') or key.startswith('mads/theta/'):
             lines.append(f'  {key[5:]:<34} {values[-1]:.3f}')
-    lines.append(f'console time {mads["console_time_s"]:.1f}s of {mads["wall_s"]:.1f}s training')
+    lines.append(f'training wall time: MADS {train_wall(mads):.1f}s (console '
+                 f'{mads["console_time_s"]:.1f}s), uniform {train_wall(uni):.1f}s')
     return '\n'.join(lines)
 
 
@@ -204,16 +303,19 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     ready = os.path.join(out, 'data', 'mads', 'manifest.json')
-    if not (reuse_data and os.path.isfile(ready)):
-        for sub in ('text', 'data', 'heldout', 'reference'):
+    paths_file = os.path.join(out, 'paths.json')
+    if reuse_data and os.path.isfile(ready) and os.path.isfile(paths_file):
+        with open(paths_file) as f:
+            paths = json.load(f)
+    else:
+        paths = {}
+    if 'evaluation' not in paths:  # Not prepared yet, or prepared by an older release.
+        for sub in ('text', 'data', 'heldout', 'reference', 'evaluation'):
             shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
         _say('building the corpus from this Python installation')
         paths = prepare_data(out, code_bytes, seq_len, vocab_size, progress)
-        with open(os.path.join(out, 'paths.json'), 'w') as f:
+        with open(paths_file, 'w') as f:
             json.dump(paths, f)
-    else:
-        with open(os.path.join(out, 'paths.json')) as f:
-            paths = json.load(f)
     common = [f'max_duration={budget}'] if budget else []
     if budget:
         common.append('scheduler.t_warmup=' + str(max(1, int(budget.rstrip('ba')) // 20)) + 'ba')
@@ -223,14 +325,11 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
     uniform = train_run('random-baseline-cpu.yaml', paths,
                         common + [o for o in overrides if not o.startswith('algorithms')])
     results = {'mads': mads, 'uniform': uniform, 'seconds': time.perf_counter() - start}
-    u_steps, u_loss = uniform['eval']['reference']
-    m_steps, m_loss = mads['eval']['reference']
-    reach = steps_to_reach(m_steps, m_loss, u_loss[-1])
     results['summary'] = {
-        'uniform_final_reference_loss': u_loss[-1], 'mads_final_reference_loss': m_loss[-1],
-        'mads_batches_to_uniform_final': reach,
-        'data_efficiency_ratio': None if reach is None else reach / uniform['batches'],
-        'tokens_per_run': uniform['tokens']}
+        label: costs_to_reach(mads, label, uniform['eval'][label][1][-1], uniform['tokens'],
+                              train_wall(uniform))
+        for label in ('evaluation', 'reference')}
+    results['summary']['tokens_per_run'] = uniform['tokens']
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
     text = report(results)

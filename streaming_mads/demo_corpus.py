@@ -40,11 +40,14 @@ class DemoCorpus:
     Args:
         train (dict[str, str]): Domain -> directory of training text files.
         heldout (dict[str, str]): Domain -> directory of held-out text files.
-        reference (str): Directory of the reference set's text files.
+        reference (str): Directory of the reference set's text files (steers the console).
+        evaluation (str): Directory of documentation topics that are neither trained on nor shown
+            to the console: data efficiency is measured on them.
     """
     train: dict[str, str]
     heldout: dict[str, str]
     reference: str
+    evaluation: str
 
 
 def _stdlib_files(limit_bytes: int) -> list[str]:
@@ -108,11 +111,13 @@ def build_demo_text(out: str, code_bytes: int = 3_000_000, heldout: float = 0.05
     """Write the demo corpus as text files under ``out`` (one file per document).
 
     Args:
-        out (str): Output directory (``train/<domain>``, ``heldout/<domain>``, ``reference``).
+        out (str): Output directory (``train/<domain>``, ``heldout/<domain>``, ``reference``,
+            ``evaluation``).
         code_bytes (int): Standard-library source bytes to scan (bounds corpus size and time).
         heldout (float): Fraction of each domain's documents held out for evaluation.
-        reference_fraction (float): Fraction of documentation topics that form the reference
-            set (never trained on).
+        reference_fraction (float): Fraction of documentation topics never trained on; half of
+            them (by a hash of the topic name) form the reference set the console steers by, the
+            other half the evaluation set, so the two are disjoint by document.
         seed (int): Seed of the garbling.
     """
     import pydoc_data.topics
@@ -121,10 +126,12 @@ def build_demo_text(out: str, code_bytes: int = 3_000_000, heldout: float = 0.05
     paths = _stdlib_files(code_bytes)
     docs: dict[str, list[tuple[str, str]]] = {d: [] for d in DOMAINS}
     reference: list[tuple[str, str]] = []
+    evaluation: list[tuple[str, str]] = []
     for name in sorted(pydoc_data.topics.topics):
         text = pydoc_data.topics.topics[name]
         if _heldout('ref/' + name, reference_fraction):
-            reference.append((f'{name}.txt', text))
+            (evaluation if _heldout('eval/' + name, 0.5) else reference).append((f'{name}.txt',
+                                                                                 text))
         else:
             docs['docs'].append((f'{name}.txt', text))
     for i, doc in enumerate(_docstrings(paths)):
@@ -143,4 +150,5 @@ def build_demo_text(out: str, code_bytes: int = 3_000_000, heldout: float = 0.05
             out_of = [keep.pop()]
         train[domain] = _write(os.path.join(out, 'train', domain), keep)
         held[domain] = _write(os.path.join(out, 'heldout', domain), out_of)
-    return DemoCorpus(train, held, _write(os.path.join(out, 'reference'), reference))
+    return DemoCorpus(train, held, _write(os.path.join(out, 'reference'), reference),
+                      _write(os.path.join(out, 'evaluation'), evaluation))

@@ -117,20 +117,27 @@ def test_demo_pipeline_on_a_reduced_budget(tmp_path):
     text = build_demo_text(os.path.join(tmp_path, 'text'), code_bytes=100_000)
     for domain in DOMAINS:
         assert len(os.listdir(text.train[domain])) > 5, domain
-    assert len(os.listdir(text.reference)) > 5
+    assert len(os.listdir(text.reference)) > 5 and len(os.listdir(text.evaluation)) > 5
+    assert not set(os.listdir(text.reference)) & set(os.listdir(text.evaluation))
     out = os.path.join(tmp_path, 'demo')
     results = run_demo(out, budget='12ba', code_bytes=150_000, seq_len=64, vocab_size=512,
                        progress=False, overrides=['algorithms.mads_console.update_interval=5',
                                                   'eval_interval=6ba'])
     assert results['mads']['batches'] == results['uniform']['batches'] == 12
     assert results['mads']['tokens'] == results['uniform']['tokens']
-    assert set(results['mads']['eval']) >= {'reference'} | {f'heldout_{d}' for d in DOMAINS}
+    assert set(results['mads']['eval']) >= {'reference', 'evaluation'} | \
+        {f'heldout_{d}' for d in DOMAINS}
     # Versions 1-3 are published at batches 5k - lead(3) = 2, 7, 12.
     assert len(results['mads']['mads']['mads/theta/domain'][1]) == 3
     with open(os.path.join(out, 'results.json')) as f:
-        assert json.load(f)['summary']['uniform_final_reference_loss'] > 0
+        summary = json.load(f)['summary']
+    for label in ('evaluation', 'reference'):
+        assert summary[label]['target'] == results['uniform']['eval'][label][1][-1]
+        if summary[label]['batches'] is not None:
+            assert 0 < summary[label]['tokens'] <= summary[label]['flops']
+            assert summary[label]['wall'] > 0
     assert os.path.getsize(os.path.join(out, 'results.png')) > 10_000
-    assert 'reference loss' in open(os.path.join(out, 'results.txt')).read()
+    assert 'never seen by the console' in open(os.path.join(out, 'results.txt')).read()
 
 
 @pytest.mark.parametrize('name', ['gpu-125m.yaml', 'gpu-1b.yaml'])
