@@ -50,25 +50,36 @@ def mds_dir(tmp_path) -> str:
 
 
 _SHM = '/dev/shm'
-_BEFORE = set(os.listdir(_SHM)) if os.path.isdir(_SHM) else set()
 
 
 @pytest.fixture(autouse=True)
-def _release_streaming_shared_memory():
-    """Unlink the shared memory Streaming (and the weight board) left behind by each test.
+def _release_streaming_shared_memory(tmp_path_factory):
+    """Unlink the shared memory Streaming (and the weight board) left behind by this session.
 
     Every new StreamingDataset looks for a free shared-memory prefix by opening the segments of
     every prefix still present, and keeps those handles open. In one process that builds hundreds
     of datasets (this suite), some kept alive by tracebacks or loaders, the open files then grow
     quadratically until the process runs out. Users build one dataset per process, so this only
-    matters here; segments that existed before the suite started are left alone.
+    matters here. A prefix is this session's when its registered local directories lie under
+    this session's temporary directory, so other processes' datasets are left alone.
     """
     yield
     if not os.path.isdir(_SHM):
         return
-    for name in os.listdir(_SHM):
-        if name not in _BEFORE and name[:6].isdigit() and name[6:7] == '_':
-            try:
-                os.unlink(os.path.join(_SHM, name))
-            except OSError:
-                pass
+    mine = str(tmp_path_factory.getbasetemp()).encode()
+    names = os.listdir(_SHM)
+    for name in names:
+        if not (name[:6].isdigit() and name.endswith('_locals')):
+            continue
+        try:
+            with open(os.path.join(_SHM, name), 'rb') as f:
+                if mine not in f.read():
+                    continue
+        except OSError:
+            continue
+        for other in names:
+            if other.startswith(name[:7]):
+                try:
+                    os.unlink(os.path.join(_SHM, other))
+                except OSError:
+                    pass
