@@ -17,6 +17,9 @@ from composer.loggers import Logger
 from composer.utils import reproducibility
 from torch.utils.data import DataLoader, Dataset
 
+from streaming_mads.checks import (TokenizerInfo, check_run, check_token_ids, convert_info,
+                                   model_vocab_size, spec_tokenizer_info, stream_convert_info,
+                                   tokenizer_info)
 from streaming_mads.console import Console, ConsoleConfig, prefetch_depth
 from streaming_mads.dataset import MADSDataset
 from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss
@@ -38,9 +41,8 @@ def find_mads_dataset(dataloader: Any) -> MADSDataset:
 
 
 def _training_tokenizer(dataset: MADSDataset) -> str:
-    """The tokenizer ``mads convert`` recorded beside the training data."""
-    from streaming_mads.convert import find_convert_info
-    found = find_convert_info(os.path.join(s.local, s.split or '') for s in dataset.streams)
+    """The tokenizer ``mads convert`` recorded beside the training data (local or remote)."""
+    found = convert_info(dataset.streams)
     if found is not None:
         root, info = found
         record = info.get('tokenizer') or {}
@@ -50,7 +52,7 @@ def _training_tokenizer(dataset: MADSDataset) -> str:
             return 'bytes'
     raise FileNotFoundError('A text reference set needs the training tokenizer: set '
                             'mads_console.reference_tokenizer (no mads_convert.json was found '
-                            'beside the training streams).')
+                            'beside the training streams, locally or next to their remote index).')
 
 
 def _text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
@@ -173,6 +175,31 @@ class AgentConsole(Algorithm):
     def __repr__(self) -> str:
         return f'AgentConsole(update_interval={self.config.update_interval})'
 
+    def reference_tokenizer_info(self) -> Optional[TokenizerInfo]:
+        """The reference's tokenizer, when known before loading it: the ``mads_convert.json``
+        of an MDS reference, or ``reference_tokenizer`` for a text one (``None``: a text
+        reference tokenised with the training tokenizer, or samples given in Python)."""
+        source, split = self.reference, self.reference_split
+        if not isinstance(source, str):
+            return None
+        if '://' in source:
+            return tokenizer_info(stream_convert_info(self.reference_local, source, split),
+                                  'reference')
+        if os.path.isfile(os.path.join(source, split or '', 'index.json')):
+            return tokenizer_info(stream_convert_info(source, None, split), 'reference')
+        if self.reference_tokenizer:
+            return spec_tokenizer_info(self.reference_tokenizer, 'reference')
+        return None
+
+    def _check_before_training(self, state: State, dataset: MADSDataset,
+                               reference: Sequence[dict]) -> None:
+        """Tokenizers and vocabularies agree (see :mod:`streaming_mads.checks`), now rather
+        than as an ``IndexError`` at the first update or eval."""
+        evals = {ev.label: ev.dataloader.dataloader.dataset for ev in state.evaluators
+                 if hasattr(getattr(ev.dataloader, 'dataloader', None), 'dataset')}
+        check_run(state.model, dataset, evals, self.reference_tokenizer_info())
+        check_token_ids(reference, model_vocab_size(state.model), 'mads_console reference set')
+
     def _make_batch(self, samples: Sequence[dict]) -> Any:
         assert self._state is not None and self.collate_fn is not None
         return self._state.device.batch_to_device(self.collate_fn(list(samples)))
@@ -196,6 +223,7 @@ class AgentConsole(Algorithm):
             reference = load_reference(self.reference, self.config.reference_size,
                                        self.reference_split, self.reference_local, dataset,
                                        self.reference_tokenizer)
+            self._check_before_training(state, dataset, reference)
             # Versions follow the batches Composer really runs per epoch (drop_last,
             # train_subset_num_batches), not the dataset's pool count.
             per_epoch = state.dataloader_len

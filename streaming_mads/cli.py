@@ -19,6 +19,7 @@ __all__ = ['main', 'build_parser', 'Subcommand', 'SUBCOMMANDS']
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story (they name the fix)."""
+    from streaming_mads.checks import TokenizerMismatchError
     from streaming_mads.convert import ConvertError
     from streaming_mads.labeling import LabelingError
     from streaming_mads.labels import LabelError
@@ -27,7 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streaming_mads.topics import TopicError
     from streaming_mads.train import ConfigError
     return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError,
-            ConfigError)
+            ConfigError, TokenizerMismatchError)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -71,7 +72,9 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
                    help='non-UTF-8 input: an error (default) or replaced with U+FFFD')
     p.add_argument('--size-limit', default='64mb', help='shard size limit before compression (64mb)')
     p.add_argument('--compression', default='zstd', help='shard compression (zstd; "none" for none)')
-    p.add_argument('--hashes', default='', help='comma-separated shard hashes, e.g. sha1,xxh64')
+    p.add_argument('--hashes', default='xxh3_64',
+                   help='comma-separated shard hashes recorded in index.json (default xxh3_64, '
+                   'which binds labels to shard content; "none" for none)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output')
     _add_progress(p)
 
@@ -85,7 +88,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         domain_field=args.domain_field, include=_split(args.include), doc_split=args.doc_split,
         encoding_errors=args.encoding_errors, size_limit=args.size_limit,
         compression=None if args.compression in ('', 'none') else args.compression,
-        hashes=_split(args.hashes), overwrite=args.overwrite, progress=_progress_flag(args))
+        hashes=[] if args.hashes in ('', 'none') else _split(args.hashes),
+        overwrite=args.overwrite, progress=_progress_flag(args))
     print(f'wrote {len(summary.streams)} stream(s) to {summary.out}')
     print(summary.table())
     return 0
@@ -122,6 +126,9 @@ def _add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, help='worker processes over shards (default: CPUs)')
     p.add_argument('--restart', action='store_true', help='discard an interrupted run\'s work')
     p.add_argument('--keep-work', action='store_true', help='keep mads/.work after success')
+    p.add_argument('--clean-cache', action='store_true',
+                   help='remote dataset: delete the local copy (--local or ~/.cache/mads/...) '
+                   'after uploading the labels')
     _add_progress(p)
 
 
@@ -133,7 +140,7 @@ def _run_label(args: argparse.Namespace) -> int:
         embedder=args.embedder, topic_model=args.topic_model, fit_samples=args.fit_samples,
         seed=args.seed, text_column=args.text_column, tokenizer=args.tokenizer,
         workers=args.workers, restart=args.restart, keep_work=args.keep_work,
-        progress=_progress_flag(args))
+        progress=_progress_flag(args), clean_cache=args.clean_cache)
     print(report.table())
     return 0
 

@@ -12,6 +12,7 @@ across ranks, update memories and θ (:mod:`streaming_mads.rewards`) and publish
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from streaming_mads.dataset import MADSDataset
 from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
 from streaming_mads.rewards import Update, stratified_probe, update_weights
 
-__all__ = ['ConsoleConfig', 'Console', 'prefetch_depth']
+__all__ = ['ConsoleConfig', 'Console', 'prefetch_depth', 'metric_token']
 
 
 @dataclass
@@ -74,6 +75,45 @@ class ConsoleConfig:
             raise ValueError('Learning rates lr_memory and lr_theta must be >= 0.')
         if not 0 < self.memory_floor <= 1 <= self.memory_cap:
             raise ValueError('Need 0 < memory_floor <= 1 <= memory_cap.')
+
+
+_BIN_RE = re.compile(r'^(?:<(?P<lt>[^,]+)|>=(?P<ge>[^,]+)|\[(?P<lo>[^,]+),(?P<hi>[^,]+)\))$')
+_UNSAFE_RE = re.compile(r'[^A-Za-z0-9_.-]')
+
+
+def _number_token(text: str) -> str:
+    """A bin edge as a token: a leading minus becomes ``m``, so ``-`` only joins edges."""
+    text = text.strip()
+    return 'm' + text[1:] if text.startswith('-') else text
+
+
+def metric_token(name: str) -> str:
+    """``name`` (an agent or label value) as one level of a metric name every logger accepts.
+
+    MLflow refuses a whole batch of metrics (the trainer's loss included) if one name holds a
+    character outside letters, digits, ``_ - . / :`` and space; TensorBoard and W&B accept less
+    still. So value names are reduced to letters, digits, ``_``, ``-`` and ``.``: bins read
+    ``<1`` -> ``lt1``, ``[1,2)`` -> ``1-2``, ``>=4`` -> ``ge4``; any other character, a ``/``
+    included (it would add a level to the name), becomes ``_``.
+    """
+    match = _BIN_RE.match(name.strip())
+    if match:
+        if match['lt'] is not None:
+            name = 'lt' + _number_token(match['lt'])
+        elif match['ge'] is not None:
+            name = 'ge' + _number_token(match['ge'])
+        else:
+            name = f'{_number_token(match["lo"])}-{_number_token(match["hi"])}'
+    return _UNSAFE_RE.sub('_', name) or '_'
+
+
+def _metric_tokens(names: Sequence[str]) -> list[str]:
+    """:func:`metric_token` of each name, made unique (``_<position>`` added on a clash)."""
+    tokens = [metric_token(n) for n in names]
+    seen: dict[str, int] = {}
+    for t in tokens:
+        seen[t] = seen.get(t, 0) + 1
+    return [f'{t}_{k}' if seen[t] > 1 else t for k, t in enumerate(tokens)]
 
 
 def prefetch_depth(dataloader: Any) -> int:
@@ -314,15 +354,16 @@ class Console:
             [c - p for c, p in zip(counts, self._last_counts)]
         self._last_counts = counts
         for i, agent in enumerate(self.dataset.agents):
-            out[f'mads/theta/{agent.name}'] = float(self.theta[i])
+            name = metric_token(agent.name)
+            out[f'mads/theta/{name}'] = float(self.theta[i])
             if update is not None:
-                out[f'mads/predictiveness/{agent.name}'] = float(update.predictiveness[i])
+                out[f'mads/predictiveness/{name}'] = float(update.predictiveness[i])
             mean = agent.memory.mean()
             total = delta[i].sum()
-            for k, value in enumerate(agent.value_names):
-                out[f'mads/memory/{agent.name}/{value}'] = float(agent.memory[k] / mean)
+            for k, value in enumerate(_metric_tokens(agent.value_names)):
+                out[f'mads/memory/{name}/{value}'] = float(agent.memory[k] / mean)
                 if total > 0:
-                    out[f'mads/selected_share/{agent.name}/{value}'] = float(delta[i][k] / total)
+                    out[f'mads/selected_share/{name}/{value}'] = float(delta[i][k] / total)
         return out
 
     # -- checkpointing ---------------------------------------------------------------------

@@ -16,8 +16,14 @@ Sample modes (``mode``):
 * ``'text'``: one sample per document, column ``text`` (``str``), plus jsonl metadata fields.
 
 Beside the shards, ``<out>/mads_convert.json`` records the streams, per-domain counts, columns and
-the tokeniser (saved in ``<out>/tokenizer/``), which ``mads label`` reads to find the streams and
-to decode tokens.
+the tokeniser (saved in ``<out>/tokenizer/``, a Hugging Face tokenizer directory for trained and
+file tokenisers), which ``mads label`` reads to find the streams and to decode tokens. Each
+shard's ``xxh3_64`` hash is recorded in ``index.json`` by default, which binds sidecar labels to
+shard content (see :mod:`streaming_mads.labels`).
+
+Memory: a document longer than 64K characters is tokenised in pieces cut at word starts (same
+ids, see :func:`text_pieces`), so peak memory holds the document's text once plus a bounded
+working set, whatever its length.
 
 Determinism: inputs are read in the order given (directories in sorted order), tokenisers and
 MDSWriter are deterministic and nothing time-dependent is written, so the same inputs and options
@@ -46,7 +52,7 @@ from streaming_mads.tokenizer import (TOKENIZER_DIRNAME, Tokenizer, load_tokeniz
 
 __all__ = [
     'ConvertError', 'Input', 'DomainStats', 'ConvertSummary', 'convert', 'parse_input',
-    'read_convert_info', 'CONVERT_INFO_NAME', 'DEFAULT_INCLUDE'
+    'read_convert_info', 'CONVERT_INFO_NAME', 'DEFAULT_INCLUDE', 'DEFAULT_HASHES', 'text_pieces'
 ]
 
 CONVERT_INFO_NAME = 'mads_convert.json'
@@ -55,6 +61,15 @@ DEFAULT_INCLUDE = ('*.txt', '*.md', '*.rst', '*.text', '*.jsonl', '*.jsonl.gz', 
 _JSONL_SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.ndjson', '.json')
 _DOMAIN_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
 _ENCODE_BATCH = 256
+# Memory bound of tokenisation: a document longer than _PIECE_CHARS is encoded in pieces of about
+# that many characters, and a batch handed to the tokenizer holds at most _BATCH_CHARS characters.
+# Fast tokenizers keep ~150 bytes of bookkeeping per input character while encoding, so these
+# bound the tokenizer's working set (~80 MB) whatever a document's size.
+_PIECE_CHARS = 1 << 16
+_BATCH_CHARS = 1 << 19
+# Recorded per shard in index.json unless --hashes says otherwise: it makes the index (and so the
+# sidecar labels' fingerprint of it) change with shard content, and lets readers verify shards.
+DEFAULT_HASHES = ('xxh3_64',)
 
 
 class ConvertError(ValueError):
@@ -274,6 +289,7 @@ def _read_text(path: str, domain: str, opts: _ReadOptions) -> Iterator[tuple[Opt
         data = stream.read()
         size = raw.tell()
     text = _decode(data, path, '', opts.encoding_errors)
+    del data  # This generator lives as long as its documents: hold the text only once.
     meta = {k: '' for k in opts.meta_fields}
     if opts.doc_split == 'file':
         parts = [text]
@@ -290,6 +306,39 @@ def _read_text(path: str, domain: str, opts: _ReadOptions) -> Iterator[tuple[Opt
 
 def _is_jsonl(path: str) -> bool:
     return any(path.endswith(s) for s in _JSONL_SUFFIXES)
+
+
+def _cut(text: str, lo: int, hi: int) -> int:
+    """Where to end a piece in ``text[lo:hi]``: the last single space between two non-spaces.
+
+    Byte-level BPE (GPT-2's pre-tokenizer regex, as ``--tokenizer train`` uses) and whitespace
+    pre-tokenizers start a word at such a space and never join it to the word before, so pieces
+    cut there encode to exactly the ids of the whole text (the bytes tokenizer is exact at any
+    cut). With no such space (e.g. a long run without whitespace) the piece ends at ``hi``, and
+    the tokens at that cut may differ from the whole's, as they may for a tokenizer whose
+    normaliser strips leading spaces.
+    """
+    i = text.rfind(' ', lo + 1, hi)
+    while i > lo:
+        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i
+        i = text.rfind(' ', lo + 1, i)
+    return hi
+
+
+def text_pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``size`` characters, cut at word starts.
+
+    Why: tokenising a long document at once costs memory proportional to its length (about
+    150 bytes per character for fast tokenizers); pieces keep it bounded. See :func:`_cut` for
+    why the ids do not change.
+    """
+    start = 0
+    while len(text) - start > size:
+        end = _cut(text, start + size // 2, start + size)
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,10 +369,12 @@ class _Sink:
         self.stats.samples += 1
         self.stats.tokens += ntokens
 
-    def add_tokens(self, ids: NDArray) -> None:
+    def add_tokens(self, ids: NDArray, end: bool = True) -> None:
+        """Append a document's ids (or one piece of them), then EOS if ``end``."""
         self.pending.append(ids)
-        self.pending.append(np.asarray([self.eos_id], np.int64))
-        self.pending_len += len(ids) + 1
+        if end:
+            self.pending.append(np.asarray([self.eos_id], np.int64))
+        self.pending_len += len(ids) + int(end)
         if self.pending_len < self.seq_len:
             return
         flat = np.concatenate(self.pending)
@@ -342,6 +393,56 @@ class _Sink:
     def close(self) -> None:
         self.stats.dropped_tokens += self.pending_len
         self.pending, self.pending_len = [], 0
+
+
+class _Batch:
+    """Documents waiting to be tokenised together, as pieces of bounded total length.
+
+    Why: tokenizers encode a batch in parallel, but their memory grows with the characters in
+    flight, so a batch ends at ``_ENCODE_BATCH`` pieces or ``_BATCH_CHARS`` characters and a
+    long document is split by :func:`text_pieces`; its pieces reach its sink in order, EOS after
+    the last.
+    """
+
+    def __init__(self, tok: Optional[Tokenizer], mode: str) -> None:
+        self.tok = tok
+        self.mode = mode
+        self.items: list[tuple[_Sink, _Doc, str, bool]] = []  # (sink, doc, piece, last piece)
+        self.chars = 0
+        self.doc_tokens = 0  # Tokens of the current document's pieces so far (text mode).
+
+    def add(self, sink: _Sink, doc: _Doc) -> None:
+        pieces = text_pieces(doc.text)
+        piece = next(pieces)
+        for following in pieces:
+            self._append(sink, doc, piece, False)
+            piece = following
+        self._append(sink, doc, piece, True)
+
+    def _append(self, sink: _Sink, doc: _Doc, piece: str, last: bool) -> None:
+        self.items.append((sink, doc, piece, last))
+        self.chars += len(piece)
+        if len(self.items) >= _ENCODE_BATCH or self.chars >= _BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        texts = [piece for _, _, piece, _ in self.items]
+        if self.tok is not None:
+            encoded = self.tok.encode_batch(texts)
+        else:  # Text mode with no tokenizer: only the byte count is recorded.
+            encoded = [np.empty(len(t.encode('utf-8')), np.int8) for t in texts]
+        for (sink, doc, _, last), ids in zip(self.items, encoded):
+            if self.mode == 'tokens':
+                sink.add_tokens(ids, end=last)
+                continue
+            self.doc_tokens += len(ids)
+            if last:
+                sink.add_text(doc, self.doc_tokens)
+                self.doc_tokens = 0
+        self.items.clear()
+        self.chars = 0
 
 
 def _progress(total: int, enabled: Optional[bool], desc: str, unit: str = 'B') -> Any:
@@ -367,7 +468,7 @@ def convert(inputs: Sequence[Union[Input, str]],
             encoding_errors: str = 'strict',
             size_limit: Union[int, str] = 1 << 26,
             compression: Optional[str] = 'zstd',
-            hashes: Sequence[str] = (),
+            hashes: Sequence[str] = DEFAULT_HASHES,
             overwrite: bool = False,
             progress: Optional[bool] = None) -> ConvertSummary:
     """Convert text inputs to MDS shards (see the module docstring for layouts and modes).
@@ -396,7 +497,9 @@ def convert(inputs: Sequence[Union[Input, str]],
         encoding_errors (str): ``'strict'`` (non-UTF-8 input is an error) or ``'replace'``.
         size_limit (int | str): Shard size limit before compression, e.g. ``'64mb'``.
         compression (str, optional): Shard compression. Defaults to ``'zstd'``.
-        hashes (Sequence[str]): Streaming hash algorithms recorded per shard (e.g. ``'xxh64'``).
+        hashes (Sequence[str]): Streaming hash algorithms recorded per shard in ``index.json``.
+            Defaults to ``('xxh3_64',)``, which binds sidecar labels to shard content; ``()``
+            records none.
         overwrite (bool): Replace an existing output written by ``mads convert``.
         progress (bool, optional): Show a progress bar; ``None`` shows it on a terminal.
 
@@ -441,7 +544,8 @@ def convert(inputs: Sequence[Union[Input, str]],
         tok_record: dict[str, Any] = {}
         if tokenizer == 'train':
             with _progress(total_bytes, progress, 'training BPE') as bar:
-                tok = train_bpe((d.text for _, d in documents(bar) if d is not None), vocab_size,
+                tok = train_bpe((p for _, d in documents(bar) if d is not None
+                                 for p in text_pieces(d.text)), vocab_size,
                                 eos_token=eos_token or '<|endoftext|>')
         elif mode == 'tokens' or tokenizer != 'bytes':
             tok = load_tokenizer(tokenizer, eos_token)
@@ -472,23 +576,7 @@ def convert(inputs: Sequence[Union[Input, str]],
                                       layout == 'single')
             return sinks[domain]
 
-        batch: list[tuple[_Sink, _Doc]] = []
-
-        def flush() -> None:
-            if not batch:
-                return
-            texts = [d.text for _, d in batch]
-            if tok is not None:
-                encoded = tok.encode_batch(texts)
-            else:
-                encoded = [np.empty(len(t.encode('utf-8')), np.int64) for t in texts]
-            for (sink, doc), ids in zip(batch, encoded):
-                if mode == 'tokens':
-                    sink.add_tokens(ids)
-                else:
-                    sink.add_text(doc, len(ids))
-            batch.clear()
-
+        batch = _Batch(tok, mode)
         with _progress(total_bytes, progress, 'converting') as bar:
             for inp, doc in documents(bar):
                 if doc is None:
@@ -496,10 +584,8 @@ def convert(inputs: Sequence[Union[Input, str]],
                 docs_per_input[inp] += 1
                 sink = sink_for(doc.domain, f'input {inp.path}')
                 sink.stats.documents += 1
-                batch.append((sink, doc))
-                if len(batch) >= _ENCODE_BATCH:
-                    flush()
-            flush()
+                batch.add(sink, doc)
+            batch.flush()
         for inp, n in docs_per_input.items():
             if n == 0:
                 raise ConvertError(f'Input {inp.path} is empty (no non-blank document): remove it '

@@ -251,6 +251,7 @@ def _load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any]
     if os.path.isfile(raw_path) and os.path.getsize(raw_path) == raw_info['bytes']:
         with open(raw_path, 'rb') as f:
             data = f.read()
+        _check_shard_hash(data, raw_info, raw_path, name)
     else:
         info = zip_info or raw_info
         path = os.path.join(ref_local, info['basename'])
@@ -266,6 +267,7 @@ def _load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any]
                                 'disagree; re-convert or re-download the stream.')
         with open(path, 'rb') as f:
             data = f.read()
+        _check_shard_hash(data, info, path, name)
         if zip_info:
             data = decompress(shard['compression'], data)
     if len(data) != raw_info['bytes']:
@@ -278,6 +280,20 @@ def _load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any]
     offsets = np.frombuffer(data, np.uint32, n + 1, 4)
     reader = MDSReader.from_json(ref_local, None, shard)
     return [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(n)]
+
+
+def _check_shard_hash(data: bytes, info: dict[str, Any], path: str, name: str) -> None:
+    """Compare a shard file's bytes with a hash its index records (``mads convert`` records
+    one by default), so labels are never computed from shards that are not the indexed ones."""
+    from streaming.base.hashing import get_hash, is_hash
+    hashes = {algo: digest for algo, digest in (info.get('hashes') or {}).items() if is_hash(algo)}
+    if not hashes:
+        return
+    algo = min(hashes)
+    if get_hash(algo, data) != hashes[algo]:
+        raise LabelingError(f'Shard {path} of stream {name} does not match the {algo} hash in its '
+                            'index.json: the shard was modified or corrupted; re-convert or '
+                            're-download the stream.')
 
 
 _TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
@@ -471,10 +487,16 @@ class LabelReport:
         columns (list[str]): Columns written.
         topics (dict, optional): Topic model description (sizes, top terms), if topics were
             labelled.
+        cache (str, optional): For a remote dataset, the local copy it was labelled in.
+        cache_bytes (int): Size of that copy when labelling ended.
+        cleaned (bool): Whether that copy was deleted (``clean_cache``).
     """
     streams: list[dict[str, Any]]
     columns: list[str]
     topics: Optional[dict[str, Any]] = None
+    cache: Optional[str] = None
+    cache_bytes: int = 0
+    cleaned: bool = False
 
     def table(self) -> str:
         """A short text summary."""
@@ -487,7 +509,34 @@ class LabelReport:
             for name, terms in self.topics.get('top_terms', {}).items():
                 size = self.topics.get('sizes', {}).get(name, '')
                 lines.append(f'  {name} ({size}): {" ".join(terms)}')
+        lines += self._remote_lines()
         return '\n'.join(lines)
+
+    def _remote_lines(self) -> list[str]:
+        """What was uploaded where, and the local copy left behind (a full copy of the shards)."""
+        lines = []
+        for s in self.streams:
+            if s.get('uploaded'):
+                lines.append(f'uploaded {len(s["uploaded"])} label file(s) of {s["name"]} to '
+                             f'{s["uploaded_to"]}: {", ".join(s["uploaded"])}')
+        if self.cache is None:
+            return lines
+        if self.cleaned:
+            lines.append(f'deleted the local cache {self.cache} ({_mib(self.cache_bytes)})')
+        else:
+            lines.append(f'local cache: {self.cache} ({_mib(self.cache_bytes)}: a copy of the '
+                         'shards and the labels); nothing reads it after the upload: delete it, '
+                         'or pass --clean-cache to have mads label delete it')
+        return lines
+
+
+def _mib(n: int) -> str:
+    return f'{n / (1 << 20):.1f} MiB'
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+               if os.path.isfile(os.path.join(d, f)))
 
 
 def _hash(obj: Any) -> str:
@@ -565,7 +614,8 @@ def label_dataset(dataset: str,
                   restart: bool = False,
                   keep_work: bool = False,
                   progress: Optional[bool] = None,
-                  mp_context: Optional[str] = None) -> LabelReport:
+                  mp_context: Optional[str] = None,
+                  clean_cache: bool = False) -> LabelReport:
     """Label every stream of ``dataset`` and write the sidecar label columns.
 
     Args:
@@ -599,6 +649,9 @@ def label_dataset(dataset: str,
         progress (bool, optional): Progress bars; ``None`` shows them on a terminal.
         mp_context (str, optional): Multiprocessing start method. Defaults to ``fork`` where
             available (``spawn`` for transformer embedders).
+        clean_cache (bool): For a remote dataset, delete the local copy (``local``, or
+            ``~/.cache/mads/<hash>``) once the labels are uploaded. Defaults to ``False``: the
+            report names the copy and its size.
 
     Returns:
         LabelReport: Streams and columns labelled.
@@ -626,6 +679,10 @@ def label_dataset(dataset: str,
         mp_context = 'fork' if fork and not transformer else 'spawn'
 
     streams, info, root = discover_streams(dataset, local, split)
+    remote = any(s.remote is not None for s in streams)
+    if clean_cache and not remote:
+        raise LabelingError(f'--clean-cache deletes the local copy of a remote dataset, but '
+                            f'{dataset} is local (it is the data itself): drop --clean-cache.')
     labeler = _Labeler(streams, columns, restart=restart, seed=seed, quality_scorer=quality_scorer,
                        threads=max(1, (os.cpu_count() or 1) // max(workers, 1)), progress=progress)
     pool = _Pool(workers, mp_context)
@@ -645,7 +702,12 @@ def label_dataset(dataset: str,
     if not keep_work:
         for s in streams:
             shutil.rmtree(os.path.join(labels_dir(s.local), WORK_DIRNAME), ignore_errors=True)
-    return LabelReport(reports, columns, {'k': model.k, **model.info} if model else None)
+    cache_bytes = _tree_bytes(root) if remote else 0
+    if clean_cache:
+        shutil.rmtree(root)
+    return LabelReport(reports, columns, {'k': model.k, **model.info} if model else None,
+                       cache=root if remote else None, cache_bytes=cache_bytes,
+                       cleaned=clean_cache)
 
 
 class _Labeler:
@@ -830,11 +892,11 @@ class _Labeler:
                     shutil.rmtree(topics_out)
                 model.save(topics_out)
             _validate(s, cols)
-            if s.remote is not None:
-                _upload_labels(s, model is not None)
+            uploaded = _upload_labels(s, model is not None) if s.remote is not None else []
             reports.append({'name': s.name, 'path': s.local, 'samples': s.num_samples,
                             'shards': len(s.index['shards']), 'resumed': self.resumed[si],
-                            'labels': labels_dir(s.local)})
+                            'labels': labels_dir(s.local), 'uploaded': uploaded,
+                            'uploaded_to': s.remote})
         return reports
 
 
@@ -874,8 +936,11 @@ def _validate(s: StreamRef, cols: dict[str, LabelColumn]) -> None:
                              f'{labels_dir(s.local)}?): re-run mads label.')
 
 
-def _upload_labels(s: StreamRef, topics: bool) -> None:
-    """Copy the label files next to the remote index: columns and topics first, manifest last."""
+def _upload_labels(s: StreamRef, topics: bool) -> list[str]:
+    """Copy the label files next to the remote index: columns and topics first, manifest last.
+
+    Returns the uploaded paths, relative to the stream's remote directory.
+    """
     from streaming.base.storage import CloudUploader
     assert s.remote is not None
     ldir = labels_dir(s.local)
@@ -893,10 +958,11 @@ def _upload_labels(s: StreamRef, topics: bool) -> None:
             tmp = f'{dest}.{uuid.uuid4().hex}.tmp'
             shutil.copyfile(os.path.join(s.local, rel), tmp)
             os.replace(tmp, dest)
-        return
+        return files
     uploader = CloudUploader.get((s.local, s.remote), keep_local=True, exist_ok=True)
     for rel in files:
         uploader.upload_file(rel)
+    return files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,6 +989,9 @@ def inspect_dataset(dataset: str, local: Optional[str] = None, split: Optional[s
                           os.path.join(ldir, TOPICS_DIRNAME, 'topics.json'), fresh=True)
         opened.append(StreamLabels(s.local, s.num_samples, s.name))
     names = list(dict.fromkeys(c for lab in opened for c in lab.columns))
+    for lab in opened:  # Checks every column file (checksum, length, ids) before any statistic.
+        for col in lab.columns:
+            lab.array(col)
     out = []
     total = sum(s.num_samples for s in streams)
     out.append(f'{dataset}: {len(streams)} stream(s), {total} samples')

@@ -7,6 +7,14 @@ read, so every DataLoader worker on a node shares one copy through the page cach
 stream's ``index.json``: if the shards are rewritten, the fingerprint no longer matches and the
 labels are refused instead of silently mislabelling samples.
 
+Labels are bound to shard *content*, not only to the index: ``mads convert`` records a hash of
+every shard in ``index.json`` (so the fingerprint covers content), and for an index without shard
+hashes the manifest records its own hash of each shard file, checked on the first local shard
+when the labels are opened. Two corpora with the same sample count and a byte-identical
+``index.json`` (e.g. uncompressed fixed-length samples) therefore do not share labels. Each column
+file's checksum is in the manifest too, so a corrupted or truncated ``.npy`` is an error naming the
+file, never plausible-looking labels.
+
 Two kinds of column exist:
 
 * ``categorical``: small integer ids into a vocabulary of value names (domain, topic cluster).
@@ -27,7 +35,8 @@ from numpy.typing import NDArray
 
 __all__ = [
     'LABELS_DIRNAME', 'MANIFEST_NAME', 'LabelError', 'LabelColumn', 'ColumnInfo', 'StreamLabels',
-    'LabelStore', 'categorical', 'score', 'write_labels', 'index_fingerprint', 'labels_dir'
+    'LabelStore', 'categorical', 'score', 'write_labels', 'index_fingerprint', 'labels_dir',
+    'shard_hashes', 'CONTENT_HASH'
 ]
 
 LABELS_DIRNAME = 'mads'
@@ -37,6 +46,9 @@ FORMAT = 'mads-labels'
 FORMAT_VERSION = 1
 CATEGORICAL = 'categorical'
 SCORE = 'score'
+# Hash of column files and of shards (when index.json has none): fast (GB/s), in Streaming's deps.
+CONTENT_HASH = 'xxh3_64'
+_CHUNK = 1 << 24
 
 
 class LabelError(ValueError):
@@ -58,9 +70,47 @@ def index_fingerprint(split_dir: str) -> str:
 
 
 def _num_samples_in_index(split_dir: str) -> int:
+    return int(sum(shard['samples'] for shard in _read_index(split_dir)['shards']))
+
+
+def _read_index(split_dir: str) -> dict[str, Any]:
     with open(os.path.join(split_dir, INDEX_NAME)) as f:
-        obj = json.load(f)
-    return int(sum(shard['samples'] for shard in obj['shards']))
+        return json.load(f)
+
+
+def file_hash(path: str) -> str:
+    """``CONTENT_HASH`` hex digest of a file, read in chunks (memory stays flat for any size)."""
+    import xxhash
+    digest = xxhash.xxh3_64()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stored_file(shard: dict[str, Any]) -> dict[str, Any]:
+    """The index entry of the file a shard is stored as (compressed if it is compressed)."""
+    return shard.get('zip_data') or shard.get('raw_data') or {}
+
+
+def shard_hashes(split_dir: str) -> Optional[dict[str, Any]]:
+    """Content hashes binding labels to the stream's shards, for an index that records none.
+
+    Returns ``None`` when every shard's hash is in ``index.json`` (``mads convert`` writes them:
+    the index fingerprint then already changes with content) or no shard file is present locally
+    (e.g. a remote stream's cache); otherwise ``{'algo', 'shards': {basename: hex}}`` over the
+    shard files present.
+    """
+    shards = _read_index(split_dir).get('shards', [])
+    if all(_stored_file(s).get('hashes') for s in shards):
+        return None
+    found = {}
+    for shard in shards:
+        name = _stored_file(shard).get('basename', '')
+        path = os.path.join(split_dir, name)
+        if name and os.path.isfile(path):
+            found[name] = file_hash(path)
+    return {'algo': CONTENT_HASH, 'shards': found} if found else None
 
 
 @dataclass(frozen=True)
@@ -130,11 +180,17 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
         'index_fingerprint': fingerprint,
         'columns': {},
     }
+    content = shard_hashes(split_dir)
+    if content is not None:
+        manifest['shard_hashes'] = content
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     if merge and os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             old = json.load(f)
-        if old.get('index_fingerprint') == fingerprint and old.get('num_samples') == num_samples:
+        # Columns written for other shards are dropped; labels from before shard hashes are kept.
+        same_shards = old.get('shard_hashes', content) == content
+        if (old.get('index_fingerprint') == fingerprint and old.get('num_samples') == num_samples
+                and same_shards):
             manifest['columns'].update(old.get('columns', {}))
     for name, col in columns.items():
         if not name or os.sep in name or name.startswith('.'):
@@ -163,7 +219,9 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
                          min=float(stored.min()) if len(stored) else 0.0,
                          max=float(stored.max()) if len(stored) else 0.0)
         entry['dtype'] = stored.dtype.name
-        _atomic_save(os.path.join(out_dir, entry['file']), stored)
+        path = os.path.join(out_dir, entry['file'])
+        _atomic_save(path, stored)
+        entry['checksum'] = f'{CONTENT_HASH}:{file_hash(path)}'
         manifest['columns'][name] = entry
     tmp = f'{manifest_path}.{uuid.uuid4().hex}.tmp'
     with open(tmp, 'w') as f:
@@ -202,7 +260,8 @@ class StreamLabels:
         self.split_dir = split_dir
         self.stream_name = stream_name
         path = os.path.join(labels_dir(split_dir), MANIFEST_NAME)
-        fix = f'label it with `mads label {split_dir}` (or streaming_mads.write_labels)'
+        fix = (f'label it with `mads label {os.path.normpath(split_dir)}` (or '
+               'streaming_mads.write_labels)')
         if not os.path.isfile(path):
             raise LabelError(f'Stream {stream_name} has no MADS labels ({path} is missing): {fix}.')
         with open(path) as f:
@@ -213,11 +272,37 @@ class StreamLabels:
             raise LabelError(f'Labels of stream {stream_name} cover {manifest.get("num_samples")} '
                              f'samples but the stream has {num_samples}: re-{fix[0:]}.')
         if manifest.get('index_fingerprint') != index_fingerprint(split_dir):
-            raise LabelError(f'Labels of stream {stream_name} are stale: its index.json changed '
-                             f'since they were written (shards rewritten?). Re-{fix}.')
+            raise LabelError(f'Labels of stream {stream_name} are stale: its index.json is not the '
+                             'one they were written for (shards rewritten, or labels copied from '
+                             f'another dataset?). Re-{fix}.')
         self.manifest = manifest
         self.num_samples = num_samples
+        self._check_content(path, fix)
         self._arrays: dict[str, NDArray] = {}
+        self._verified: set[str] = set()  # Columns whose checksum matched (kept when pickled).
+
+    def _check_content(self, manifest_path: str, fix: str) -> None:
+        """Compare the first local shard with the hash the labels were written for.
+
+        Why only one: hashing every shard at each dataset construction would read the whole
+        dataset; one shard already tells two different corpora apart, and ``mads label`` (which
+        reads every shard) rewrites the hashes.
+        """
+        content = self.manifest.get('shard_hashes')
+        if not content:
+            return
+        if content.get('algo') != CONTENT_HASH:
+            raise LabelError(f'{manifest_path} hashes shards with {content.get("algo")!r}, not '
+                             f'{CONTENT_HASH}: {fix}.')
+        for name, digest in content['shards'].items():
+            path = os.path.join(self.split_dir, name)
+            if os.path.isfile(path):
+                if file_hash(path) != digest:
+                    raise LabelError(f'Labels of stream {self.stream_name} were written for other '
+                                     f'shards: {path} does not match the content hash in '
+                                     f'{manifest_path} (labels copied from another dataset, or the '
+                                     f'shard rewritten under the same index.json?). Re-{fix}.')
+                return
 
     @property
     def columns(self) -> dict[str, dict[str, Any]]:
@@ -237,8 +322,13 @@ class StreamLabels:
         path = os.path.join(labels_dir(self.split_dir), entry['file'])
         if not os.path.isfile(path):
             raise LabelError(f'Label file {path} of stream {self.stream_name} is missing: '
-                             f're-run `mads label {self.split_dir}`.')
-        arr = np.load(path, mmap_mode='r', allow_pickle=False)
+                             f'{self._rewrite_fix(column)}.')
+        self._verify_checksum(column, entry, path)
+        try:
+            arr = np.load(path, mmap_mode='r', allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:  # numpy's errors for a bad .npy file.
+            raise LabelError(f'Label file {path} of stream {self.stream_name} is corrupt or '
+                             f'truncated ({err}): {self._rewrite_fix(column)}.') from None
         if arr.shape != (self.num_samples,):
             raise LabelError(f'Label column {column!r} of stream {self.stream_name} has '
                              f'{arr.shape[0] if arr.ndim else 0} values for {self.num_samples} '
@@ -256,6 +346,26 @@ class StreamLabels:
                              f'values: re-run `mads label {self.split_dir}`.')
         self._arrays[column] = arr
         return arr
+
+    def _rewrite_fix(self, column: str) -> str:
+        """How to rewrite one column: ``mads label`` for its own columns, else the writer."""
+        where = os.path.normpath(self.split_dir)
+        if column in ('domain', 'quality', 'topic'):
+            return f'rewrite it with `mads label {where} --columns {column}`'
+        return f'rewrite it with streaming_mads.write_labels({where!r}, {{{column!r}: ...}})'
+
+    def _verify_checksum(self, column: str, entry: dict[str, Any], path: str) -> None:
+        """Refuse a column file whose bytes differ from those written (once per process
+        tree: the set of verified columns travels to DataLoader workers with the object)."""
+        expected = entry.get('checksum')
+        if expected is None or column in self._verified:  # Labels written before checksums.
+            return
+        algo, _, digest = expected.partition(':')
+        if algo != CONTENT_HASH or file_hash(path) != digest:
+            raise LabelError(f'Label file {path} of stream {self.stream_name} is corrupt: its '
+                             'bytes do not match the checksum in its manifest (damaged or edited '
+                             f'after writing): {self._rewrite_fix(column)}.')
+        self._verified.add(column)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

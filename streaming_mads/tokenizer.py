@@ -11,7 +11,9 @@ Three kinds, all local (nothing is ever downloaded from a hub):
 
 Whatever the kind, ``mads convert`` saves the tokeniser beside its output (``<out>/tokenizer/``) and
 records it in ``<out>/mads_convert.json``, so that training and labelling decode with exactly the
-tokeniser that encoded the shards.
+tokeniser that encoded the shards. ``tokenizers`` and ``transformers`` tokenisers are saved as a
+Hugging Face tokenizer directory, which ``transformers.AutoTokenizer.from_pretrained`` (and so
+llm-foundry's ``tokenizer.name``) loads.
 """
 
 from __future__ import annotations
@@ -160,12 +162,33 @@ class TokenizersTokenizer(Tokenizer):
         return self.tok.decode_batch([np.asarray(s).tolist() for s in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> dict[str, Any]:
+        """Save ``tokenizer.json`` plus the Hugging Face files beside it (see
+        :func:`_save_transformers_config`), so other tools load the directory too."""
         os.makedirs(directory, exist_ok=True)
+        files = _save_transformers_config(self.tok, self.eos_token, directory)
+        # Written after save_pretrained (which writes its own copy): the exact bytes as before.
         with open(os.path.join(directory, 'tokenizer.json'), 'w', encoding='utf-8') as f:
             f.write(self.tok.to_str())
         rel = os.path.basename(os.path.normpath(directory))
-        return {'kind': self.kind, 'path': f'{rel}/tokenizer.json', 'files': ['tokenizer.json'],
+        return {'kind': self.kind, 'path': f'{rel}/tokenizer.json',
+                'files': sorted({'tokenizer.json', *files}),
                 'vocab_size': self.vocab_size, 'eos_id': self.eos_id, 'eos_token': self.eos_token}
+
+
+def _save_transformers_config(tok: Any, eos_token: str, directory: str) -> list[str]:
+    """Write ``tokenizer_config.json`` (and ``special_tokens_map.json``) for ``tok`` into
+    ``directory``; returns the file names written.
+
+    Why: a bare ``tokenizer.json`` is not a Hugging Face tokenizer directory, so
+    ``transformers.AutoTokenizer`` (and llm-foundry's ``tokenizer.name``) refuse it with "Should
+    have a model_type key". The config names ``PreTrainedTokenizerFast`` and the EOS token, and
+    turns off ``clean_up_tokenization_spaces`` so decoding gives back the encoded text exactly.
+    """
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token,
+                                   clean_up_tokenization_spaces=False)
+    written = fast.save_pretrained(directory, legacy_format=False)
+    return sorted(os.path.relpath(f, directory) for f in written if os.path.isfile(f))
 
 
 class TransformersTokenizer(Tokenizer):

@@ -96,26 +96,24 @@ def _call(where: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         raise ConfigError(f'{where}: {err}') from err
 
 
-def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any]) -> int:
-    """``model.vocab_size``, else the tokenizer recorded by ``mads convert`` next to the data."""
+def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: Any) -> int:
+    """``model.vocab_size``, else the tokenizer ``mads convert`` recorded beside the training data
+    (fetched from the remote for remote streams)."""
     if 'vocab_size' in model_cfg:
         return int(model_cfg.pop('vocab_size'))
     tok = _section(cfg, 'tokenizer')
     if 'vocab_size' in tok:
         return int(tok['vocab_size'])
-    from streaming_mads.convert import find_convert_info
-    dataset = _section(cfg['train_loader'], 'dataset')
-    dirs = [dataset['local']] if dataset.get('local') else []
-    dirs += [stream['local'] for stream in (dataset.get('streams') or {}).values()
-             if isinstance(stream, dict) and stream.get('local')]
-    found = find_convert_info(dirs)
+    from streaming_mads.checks import convert_info
+    found = convert_info(getattr(train_dataset, 'streams', None) or [])
     if found is not None:
         record = found[1]
-        size = record.get('tokenizer', {}).get('vocab_size') or record.get('vocab_size')
+        size = (record.get('tokenizer') or {}).get('vocab_size') or record.get('vocab_size')
         if size:
             return int(size)
     raise ConfigError('model.vocab_size is not set and no mads_convert.json beside the training '
-                      'data names a tokenizer: set model.vocab_size.')
+                      'data (local, or next to a remote index) names a tokenizer: set '
+                      'model.vocab_size.')
 
 
 def _streams(dataset: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +242,18 @@ def _algorithms(cfg: dict[str, Any]) -> list[Any]:
     return [_call('algorithms.mads_console', AgentConsole, console)]
 
 
+def _check_tokenizers(model: Any, train_dataset: Any, evaluators: Sequence[Any],
+                      algorithms: Sequence[Any]) -> None:
+    """Refuse mismatched tokenizers now rather than at the first console update or eval."""
+    from streaming_mads.checks import check_run
+    evals = {ev.label: ev.dataloader.dataloader.dataset for ev in evaluators}
+    reference = None
+    for algo in algorithms:
+        if hasattr(algo, 'reference_tokenizer_info'):
+            reference = algo.reference_tokenizer_info()
+    check_run(model, train_dataset, evals, reference)
+
+
 def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
                   extra_callbacks: Sequence[Any] = ()) -> Any:
     """A Composer ``Trainer`` for the run config ``cfg`` (see the module docstring)."""
@@ -272,12 +282,15 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
     device_batch = global_batch // world
     max_seq_len = _positive_int(cfg, 'max_seq_len')
     model_cfg = _section(cfg, 'model', required=True)
-    vocab = _vocab_size(cfg, model_cfg)
+    # The data first: the model's default vocabulary is the one recorded beside it.
+    train_loader = _train_loader(cfg, device_batch)
+    vocab = _vocab_size(cfg, model_cfg, train_loader.dataset)
     preset = model_cfg.pop('preset', None if 'family' in model_cfg else 'tiny')
     model = _call('model', build_causal_lm, {'vocab_size': vocab, 'max_seq_len': max_seq_len,
                                              'preset': preset, 'seed': seed, **model_cfg})
-    train_loader = _train_loader(cfg, device_batch)
     evaluators = _eval_loaders(cfg, device_batch)
+    algorithms = _algorithms(cfg)
+    _check_tokenizers(model, train_loader.dataset, evaluators, algorithms)
     parallelism = {'fsdp': cfg['fsdp_config']} if cfg.get('fsdp_config') else None
     logger_classes = {'file': loggers.FileLogger, 'tensorboard': loggers.TensorboardLogger,
                       'wandb': loggers.WandBLogger, 'mlflow': loggers.MLFlowLogger,
@@ -292,7 +305,7 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
         eval_dataloader=evaluators or None, eval_interval=cfg.get('eval_interval', 1),
         eval_subset_num_batches=cfg.get('eval_subset_num_batches', -1),
         max_duration=cfg['max_duration'], optimizers=_optimizer(cfg, model),
-        schedulers=scheduler, algorithms=_algorithms(cfg),
+        schedulers=scheduler, algorithms=algorithms,
         loggers=_named('loggers', cfg, logger_classes) + list(extra_loggers),
         callbacks=_named('callbacks', cfg, callback_classes) + list(extra_callbacks),
         device=device, precision=cfg.get('precision', 'fp32'),

@@ -48,8 +48,8 @@ def test_planted_signal_is_found(corpus):
     # the noise domain falls.
     assert _series(mem, 'mads/memory/domain/ref')[-1] > 1.5
     assert _series(mem, 'mads/memory/domain/noise')[-1] < 0.5
-    assert _series(mem, 'mads/memory/quality/>=4')[-1] > 1.5
-    assert _series(mem, 'mads/memory/quality/<1')[-1] < 0.5
+    assert _series(mem, 'mads/memory/quality/ge4')[-1] > 1.5
+    assert _series(mem, 'mads/memory/quality/lt1')[-1] < 0.5
     # The share of 'ref' among selected samples rises above its first window and its data share.
     share = _series(mem, 'mads/selected_share/domain/ref')
     assert len(share) >= 6

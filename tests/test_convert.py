@@ -118,6 +118,26 @@ def test_convert_trained_bpe_decodes_back(tmp_path):
     assert load_tokenizer(str(out / 'tokenizer')).eos_id == tok.eos_id
 
 
+def test_trained_tokenizer_loads_with_transformers(tmp_path):
+    """Other tools (transformers, llm-foundry's `tokenizer.name`) load `OUT/tokenizer` and get
+    exactly the ids stored in the shards, and the text back."""
+    from transformers import AutoTokenizer
+    docs = write_corpus(tmp_path)
+    out = tmp_path / 'out'
+    convert([str(tmp_path / 'wiki.jsonl')], str(out), seq_len=16, tokenizer='train', vocab_size=400,
+            progress=False)
+    info = read_convert_info(str(out))
+    assert {'tokenizer.json', 'tokenizer_config.json'} <= set(info['tokenizer']['files'])
+    hf = AutoTokenizer.from_pretrained(str(out / 'tokenizer'), local_files_only=True)
+    assert hf.eos_token_id == info['tokenizer']['eos_id']
+    expected = np.concatenate([hf(d, add_special_tokens=False)['input_ids'] + [hf.eos_token_id]
+                               for d in docs['wiki']])
+    stored = np.concatenate([s['tokens'] for s in _stream_tokens(out / 'wiki')])
+    assert len(stored) > 100 and np.array_equal(stored, expected[:len(stored)])
+    first = expected[:list(expected).index(hf.eos_token_id)].tolist()
+    assert hf.decode(first) == docs['wiki'][0]
+
+
 def test_convert_text_mode_single_layout(tmp_path):
     docs = write_corpus(tmp_path)
     out = tmp_path / 'out'

@@ -277,3 +277,23 @@ log_to_console: false
     trainer.close()
     del trainer, dataset
     gc.collect()
+
+
+def test_foundry_loads_a_converted_tokenizer(foundry, tmp_path):
+    """``tokenizer: {name: <mads convert output>/tokenizer}`` in an llm-foundry YAML goes through
+    ``build_tokenizer``, which must load the BPE ``mads convert --tokenizer train`` saved."""
+    from llmfoundry.utils.builders import build_tokenizer
+
+    from streaming_mads.convert import convert
+    from streaming_mads.tokenizer import load_tokenizer
+    text = ' '.join(f'w{i % 40} and w{(i * 7) % 40}.' for i in range(400))
+    (tmp_path / 'docs.txt').write_text(text)
+    out = tmp_path / 'mds'
+    convert([str(tmp_path / 'docs.txt')], str(out), seq_len=16, tokenizer='train',
+            vocab_size=300, progress=False)
+    ours = load_tokenizer(str(out / 'tokenizer' / 'tokenizer.json'))
+    theirs = build_tokenizer(str(out / 'tokenizer'), {'model_max_length': 16})
+    assert theirs.eos_token_id == ours.eos_id
+    sample = 'w3 and w21. w7 and w9.'
+    assert theirs(sample, add_special_tokens=False)['input_ids'] == \
+        ours.encode_batch([sample])[0].tolist()

@@ -9,7 +9,7 @@ import pytest
 
 from streaming_mads import labeling
 from streaming_mads.cli import main
-from streaming_mads.convert import convert
+from streaming_mads.convert import convert, read_convert_info
 from streaming_mads.labeling import LabelingError, discover_streams, label_dataset
 from streaming_mads.labels import LabelError, LabelStore, StreamLabels
 
@@ -269,3 +269,74 @@ def test_remote_dataset_and_reused_topic_model(corpus, tmp_path):
     old = np.asarray(StreamLabels(str(remote / 'cooking'), report.streams[0]['samples'], 'c').array('topic'))
     new_ids = np.asarray(StreamLabels(str(new / 'cooking'), len(old), 'c').array('topic'))
     assert np.array_equal(old, new_ids)
+
+
+def _swap_letters(src, dst):
+    """A different corpus of the same byte lengths (so the same sample count): a<->o, e<->i."""
+    table = str.maketrans('aoei', 'oaie')
+    for dirpath, _, files in os.walk(src):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), src)
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            with open(os.path.join(src, rel), encoding='utf-8') as f:
+                text = f.read()
+            if name.endswith('.jsonl'):
+                lines = [json.loads(line) for line in text.splitlines()]
+                text = ''.join(json.dumps({**o, 'text': o['text'].translate(table)}) + '\n'
+                               for o in lines)
+            else:
+                text = text.translate(table)
+            with open(os.path.join(dst, rel), 'w', encoding='utf-8') as f:
+                f.write(text)
+    return dst
+
+
+@pytest.mark.parametrize('hashes', [('xxh3_64',), ()])
+def test_labels_copied_from_another_corpus_are_refused(corpus, tmp_path, capsys, hashes):
+    """Uncompressed, same sample count: with shard hashes (convert's default) the index.json
+    files differ; without (`--hashes none`, like most foreign MDS) they are byte-identical and the
+    labels' own shard hashes tell the corpora apart."""
+    other = _swap_letters(corpus, tmp_path / 'other-corpus')
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    for src, out in ((corpus, a), (other, b)):
+        _convert(src, out, layout='single', compression=None, hashes=hashes)
+    index_a, index_b = (open(d / 'index.json', 'rb').read() for d in (a, b))
+    assert (index_a == index_b) == (not hashes)
+    assert _sidecar(a) == {} and read_convert_info(str(a))['options']['hashes'] == list(hashes)
+    assert main(['label', str(a), '--columns', 'domain,quality', '--no-progress']) == 0
+    manifest = json.load(open(a / 'mads' / 'manifest.json'))
+    assert ('shard_hashes' in manifest) == (not hashes)  # Bound by the index, or by the labels.
+    shutil.copytree(a / 'mads', b / 'mads')
+    capsys.readouterr()
+    assert main(['inspect', str(b)]) == 2
+    err = capsys.readouterr().err
+    assert 'copied from another dataset' in err and f'mads label {b}' in err
+    assert main(['inspect', str(a)]) == 0  # The original still opens.
+
+
+def test_corrupt_shards_and_label_files_are_refused(corpus, tmp_path, capsys):
+    out = tmp_path / 'out'
+    _convert(corpus, out, layout='single', compression=None)
+    assert main(['label', str(out), '--columns', 'domain,quality', '--no-progress']) == 0
+    # A label column damaged in place: plausible values, same size. inspect prints no statistics.
+    path = out / 'mads' / 'quality.npy'
+    data = bytearray(path.read_bytes())
+    data[-4:] = np.float32(3.0).tobytes()
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(['inspect', str(out)]) == 2
+    captured = capsys.readouterr()
+    assert 'mean' not in captured.out
+    assert str(path) in captured.err and f'mads label {out} --columns quality' in captured.err
+    assert path.read_bytes() == bytes(data)  # Nothing deleted.
+    assert main(['label', str(out), '--columns', 'quality', '--no-progress']) == 0  # The fix.
+    assert main(['inspect', str(out)]) == 0
+    # A shard modified under its index.json (same size): its hash no longer matches.
+    shard = sorted(out.glob('shard.*.mds'))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(['label', str(out), '--columns', 'quality', '--no-progress', '--workers', '1']) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and 'xxh3_64 hash in its index.json' in err

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import DOMAINS, label_arrays, write_labelled_stream, write_stream
+from streaming import MDSWriter
 
 from streaming_mads import LabelError, MADSDataset, categorical, score, write_labels
 from streaming_mads.labels import LabelStore, StreamLabels, labels_dir
@@ -91,11 +92,25 @@ def test_stale_fingerprint(mds_dir):
     _expect_error(mds_dir, r'stale.*Re-label')
 
 
+def _drop_checksums(split_dir: str) -> None:
+    """Make the manifest look like one written before column checksums existed, so the checks
+    behind the checksum (length, ids) are what a bad file meets."""
+    path = os.path.join(labels_dir(split_dir), 'manifest.json')
+    with open(path) as f:
+        manifest = json.load(f)
+    for entry in manifest['columns'].values():
+        entry.pop('checksum')
+    with open(path, 'w') as f:
+        json.dump(manifest, f)
+
+
 def test_unknown_value_id(mds_dir):
     path = os.path.join(labels_dir(mds_dir), 'domain.npy')
     arr = np.load(path)
     arr[17] = 9
     np.save(path, arr)
+    _expect_error(mds_dir, r'domain.npy .* is corrupt: its bytes do not match the checksum')
+    _drop_checksums(mds_dir)
     _expect_error(mds_dir, r'value id 9, unknown to its vocabulary of 4')
 
 
@@ -112,7 +127,58 @@ def test_column_of_the_wrong_kind(mds_dir):
 def test_truncated_column_file(mds_dir):
     path = os.path.join(labels_dir(mds_dir), 'topic.npy')
     np.save(path, np.load(path)[:-3])
+    _drop_checksums(mds_dir)
     _expect_error(mds_dir, r'597 values for 600 samples')
+
+
+@pytest.mark.parametrize('column,damage,checksums', [
+    ('quality', 'flip', True),  # In-range floats: only the checksum can tell.
+    ('topic', 'truncate', True),
+    ('domain', 'header', True),
+    ('topic', 'truncate', False),  # Labels written before checksums: numpy's own errors.
+    ('domain', 'header', False),
+])
+def test_corrupt_column_file_names_the_file_and_the_fix(mds_dir, column, damage, checksums):
+    path = os.path.join(labels_dir(mds_dir), f'{column}.npy')
+    data = bytearray(open(path, 'rb').read())
+    if damage == 'flip':
+        data[-40:-36] = np.float32(2.5).tobytes()  # In range, finite: looks normal.
+    elif damage == 'truncate':
+        data = data[:len(data) // 2]
+    else:
+        data[:6] = b'garbag'
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+    if not checksums:
+        _drop_checksums(mds_dir)
+    labels = StreamLabels(mds_dir, 600, 'data')
+    fix = f'mads label {mds_dir} --columns {column}'
+    with pytest.raises(LabelError, match=rf'{column}\.npy .*corrupt.*{fix}'):
+        labels.array(column)
+    assert open(path, 'rb').read() == bytes(data)  # Nothing was deleted or rewritten.
+
+
+def test_labels_are_bound_to_shard_content(tmp_path):
+    """Two uncompressed corpora of the same sample count and sample size have byte-identical
+    index.json files (Streaming records no hashes by default): labels copied from one to the
+    other must be refused because their shards differ."""
+    def corpus(name, offset):
+        out = os.path.join(tmp_path, name)
+        with MDSWriter(out=out, columns={'tokens': 'ndarray:int32:8'}, compression=None) as w:
+            for i in range(300):
+                w.write({'tokens': np.arange(8, dtype=np.int32) + i + offset})
+        return out
+    a, b = corpus('a', 0), corpus('b', 1000)
+    assert open(os.path.join(a, 'index.json'), 'rb').read() == \
+        open(os.path.join(b, 'index.json'), 'rb').read()
+    write_labels(a, {'quality': score(np.linspace(0, 5, 300))})
+    shutil.copytree(labels_dir(a), labels_dir(b))
+    StreamLabels(a, 300, 'a').array('quality')  # Its own labels open.
+    with pytest.raises(LabelError, match=r'for other shards: .*shard\.00000\.mds.*Re-label'):
+        StreamLabels(b, 300, 'b')
+    # Relabelling b replaces the copy (the copied columns are not merged into b's labels).
+    write_labels(b, {'domain': categorical(['x'] * 300)})
+    assert set(StreamLabels(b, 300, 'b').columns) == {'domain'}
 
 
 @pytest.mark.parametrize('kwargs,match', [
