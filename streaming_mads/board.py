@@ -309,6 +309,13 @@ class WeightBoard:
     def _log(self) -> NDArray[np.int64]:
         return self._words()[self._log_start:].reshape(self.log_slots, 2 + self.log_width)
 
+    def _log_row(self, batch: int) -> Optional[NDArray[np.int64]]:
+        """The log slot of global batch ``batch``, or ``None`` if the batch is off the stride."""
+        stride = self.log_stride
+        if stride <= 0 or batch % stride:
+            return None
+        return self._log()[(batch // stride) % self.log_slots]
+
     def logged_batches(self, start: int, stop: int) -> range:
         """The global batches in ``[start, stop)`` that write the probe log."""
         stride = self.log_stride
@@ -325,10 +332,9 @@ class WeightBoard:
             sample_ids (NDArray[np.int64]): Candidates, in random order; the first ``log_width``
                 are kept.
         """
-        stride = self.log_stride
-        if stride <= 0 or batch % stride:
+        row = self._log_row(batch)
+        if row is None:
             return
-        row = self._log()[(batch // stride) % self.log_slots]
         ids = np.asarray(sample_ids, np.int64)[:self.log_width]
         row[0] = -1
         row[1] = len(ids)
@@ -337,11 +343,8 @@ class WeightBoard:
 
     def read_log(self, batch: int) -> Optional[NDArray[np.int64]]:
         """The candidates global batch ``batch`` logged, or ``None`` if its slot holds another."""
-        stride = self.log_stride
-        if stride <= 0 or batch % stride:
-            return None
-        row = self._log()[(batch // stride) % self.log_slots]
-        if int(row[0]) != batch:
+        row = self._log_row(batch)
+        if row is None or int(row[0]) != batch:
             return None
         ids = row[2:2 + int(row[1])].copy()
         return ids if int(row[0]) == batch else None

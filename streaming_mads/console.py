@@ -237,22 +237,32 @@ class Console:
         _, world = _world()
         return max(1, math.ceil(self.config.probe_pool / world / max(1, batches)))
 
-    def local_candidates(self, version: int) -> NDArray[np.int64]:
-        """This rank's share of ``version``'s probe candidates, from its workers' probe log."""
+    def _logged(self, version: int, before: Optional[int] = None) -> dict[int, NDArray[np.int64]]:
+        """This rank's share of ``version``'s candidates per logged batch (before ``before``).
+
+        Each logged batch gives its first ``quota`` candidates (a uniform subset: the log is in
+        random order), from the restored checkpoint log or else the board; a batch whose log slot
+        holds another batch is left out (``None`` in the result).
+        """
         assert self.dataset is not None
         board = self.dataset.board
         batches = board.logged_batches(*self.probe_window(version))
         quota = self._log_quota(len(batches))
-        out = []
+        out = {}
         for b in batches:
+            if before is not None and b >= before:
+                break
             ids = self._saved_log.get(b)
-            if ids is None:
-                ids = board.read_log(b)
-            if ids is None:
-                self.log_missing += 1
-                continue
-            out.append(ids[:quota])
-        return np.concatenate(out) if out else np.empty(0, np.int64)
+            ids = board.read_log(b) if ids is None else ids
+            out[b] = None if ids is None else ids[:quota]
+        return out
+
+    def local_candidates(self, version: int) -> NDArray[np.int64]:
+        """This rank's share of ``version``'s probe candidates, from its workers' probe log."""
+        logged = self._logged(version)
+        found = [ids for ids in logged.values() if ids is not None]
+        self.log_missing += len(logged) - len(found)
+        return np.concatenate(found) if found else np.empty(0, np.int64)
 
     def draw_probe(self, version: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """``version``'s probe set (identical on every rank) and the rank that owns each probe.
@@ -372,18 +382,8 @@ class Console:
         """This rank's probe candidates of the current window logged before ``batches_done``."""
         if self.dataset is None:
             return {}
-        start, stop = self.probe_window(self.latest + 1)
-        batches = self.dataset.board.logged_batches(start, stop)
-        quota = self._log_quota(len(batches))
-        out = {}
-        for b in batches:
-            if b >= batches_done:
-                break
-            ids = self._saved_log.get(b)
-            ids = self.dataset.board.read_log(b) if ids is None else ids
-            if ids is not None:
-                out[str(b)] = ids[:quota].tolist()
-        return out
+        logged = self._logged(self.latest + 1, before=batches_done)
+        return {str(b): ids.tolist() for b, ids in logged.items() if ids is not None}
 
     def state_dict(self, batches_done: Optional[int] = None) -> dict[str, Any]:
         """θ, memories, counters, every version a resume may still need, and the probe log.

@@ -1,4 +1,6 @@
-"""From rewards to new weights: the console's update rule (DESIGN section 4), as plain functions.
+"""From rewards to new weights: the console's update rule, as plain functions.
+
+The rule is stated in ``docs/architecture.md`` ("The console's update").
 
 Given the influence of each probe sample on the reference loss, one update:
 
@@ -85,7 +87,7 @@ def update_weights(memories: Sequence[NDArray], theta: NDArray, freqs: Sequence[
                    probe_label_ids: Sequence[NDArray], rewards: NDArray, *, lr_memory: float,
                    lr_theta: float, memory_floor: float, memory_cap: float,
                    theta_floor: float) -> Optional[Update]:
-    """One console update (DESIGN section 4); ``None`` if any reward is NaN/inf.
+    """One console update (see ``docs/architecture.md``); ``None`` if any reward is NaN/inf.
 
     Args:
         memories (Sequence[NDArray]): Each agent's memory before the update.
