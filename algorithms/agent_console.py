@@ -12,9 +12,10 @@ import tempfile
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-from composer.core import Algorithm, Event, State
+import torch
+from composer.core import Algorithm, Event, Precision, State
 from composer.loggers import Logger
-from composer.utils import reproducibility
+from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader, Dataset
 
 from streaming_mads.checks import (TokenizerInfo, check_run, check_token_ids, convert_info,
@@ -22,11 +23,18 @@ from streaming_mads.checks import (TokenizerInfo, check_run, check_token_ids, co
                                    tokenizer_info)
 from streaming_mads.console import Console, ConsoleConfig, prefetch_depth
 from streaming_mads.dataset import MADSDataset
-from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss
+from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss, influence_memory
 
 __all__ = ['AgentConsole', 'find_mads_dataset', 'load_reference']
 
+#: Reference samples whose token ids are checked against the model before training.
+_REFERENCE_CHECKED = 256
+
 ReferenceSource = Union[str, Dataset, Sequence[dict]]
+
+#: The autocast dtype of the influence pass under each Composer precision (fp32: none).
+_AUTOCAST = {Precision.AMP_BF16: torch.bfloat16, Precision.AMP_FP16: torch.float16,
+             Precision.AMP_FP8: torch.bfloat16}
 
 
 def find_mads_dataset(dataloader: Any) -> MADSDataset:
@@ -64,18 +72,18 @@ def _text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
     return out
 
 
-def load_reference(source: ReferenceSource, size: int, split: Optional[str] = None,
+def load_reference(source: ReferenceSource, split: Optional[str] = None,
                    local: Optional[str] = None, dataset: Optional[MADSDataset] = None,
-                   tokenizer: Optional[str] = None) -> list[dict]:
-    """``size`` reference samples, evenly spaced over the source.
+                   tokenizer: Optional[str] = None) -> Sequence[dict]:
+    """The whole reference set, with random access (each update reads only what it draws).
 
     Args:
-        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming);
-            a jsonl/text file or directory of text (tokenised like the training data with the
-            training tokenizer into samples of the training length); a map-style dataset; or a
-            list of sample dicts. Samples must have the training samples' form (same columns and
+        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming,
+            a shard downloaded when one of its samples is first drawn); a jsonl/text file or
+            directory of text (tokenised like the training data with the training tokenizer
+            into samples of the training length); a map-style dataset; or a list of sample
+            dicts. Samples must have the training samples' form (same columns and
             tokenisation), since the train collate builds their batches.
-        size (int): How many samples.
         split (str, optional): MDS split.
         local (str, optional): Cache directory for a remote MDS source (default: a temp dir).
         dataset (MADSDataset, optional): The training dataset (tokenizer and sample length of a
@@ -83,29 +91,30 @@ def load_reference(source: ReferenceSource, size: int, split: Optional[str] = No
         tokenizer (str, optional): Tokenizer of a text reference (default: the one
             ``mads convert`` recorded beside the training data).
     """
-    if isinstance(source, str):
-        from streaming import StreamingDataset
-        is_remote = '://' in source
-        if not is_remote and not os.path.isfile(os.path.join(source, split or '', 'index.json')):
-            if not os.path.exists(source):
-                raise FileNotFoundError(f'mads_console reference {source!r} does not exist: give '
-                                        'an MDS dataset, or jsonl/text files of reference text.')
-            if dataset is None:
-                raise ValueError('A text reference set needs the training dataset to tokenise it.')
-            seq_len = len(dataset[0]['tokens'])
-            source = _text_to_mds(source, tokenizer or _training_tokenizer(dataset), seq_len)
-            split = None
-        ds = StreamingDataset(remote=source if is_remote else None,
-                              local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
-                              if is_remote else source,
-                              split=split, batch_size=1)
-        ids = np.unique(np.linspace(0, ds.num_samples - 1, min(size, ds.num_samples)).astype(int))
-        samples = [ds[int(i)] for i in ids]
-        del ds
-        return samples
-    n = len(source)  # type: ignore[arg-type]
-    ids = np.unique(np.linspace(0, n - 1, min(size, n)).astype(int)) if n else []
-    return [source[int(i)] for i in ids]  # type: ignore[index]
+    if not isinstance(source, str):
+        return source  # type: ignore[return-value]
+    from streaming import StreamingDataset
+    is_remote = '://' in source
+    if not is_remote and not os.path.isfile(os.path.join(source, split or '', 'index.json')):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f'mads_console reference {source!r} does not exist: give '
+                                    'an MDS dataset, or jsonl/text files of reference text.')
+        if dataset is None:
+            raise ValueError('A text reference set needs the training dataset to tokenise it.')
+        seq_len = len(dataset[0]['tokens'])
+        source = _text_to_mds(source, tokenizer or _training_tokenizer(dataset), seq_len)
+        split = None
+    return StreamingDataset(remote=source if is_remote else None,
+                            local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
+                            if is_remote else source,
+                            split=split, batch_size=1)
+
+
+def spread(samples: Sequence[dict], count: int) -> list[dict]:
+    """Up to ``count`` samples evenly spaced over ``samples`` (a cheap check of a large set)."""
+    n = len(samples)
+    ids = np.unique(np.linspace(0, n - 1, min(count, n)).astype(int)) if n else []
+    return [samples[int(i)] for i in ids]
 
 
 class AgentConsole(Algorithm):
@@ -123,13 +132,23 @@ class AgentConsole(Algorithm):
         probe_size (int): Probe samples per update over all ranks. Defaults to ``64``.
         probe_pool (int): Most candidates (over all ranks, from the pools read since the last
             update) the stratified probe is drawn from. Defaults to ``4096``.
-        reference_size (int): Reference samples per update over all ranks. Defaults to ``32``.
+        reference_size (int): Reference samples per update over all ranks, drawn afresh from the
+            whole reference set each update. Defaults to ``32``.
+        reward (str): ``'inner'`` or ``'cosine'`` influence. Defaults to ``'inner'``.
+        value_prior (float): Pseudo-probes of reward 0 behind each label value's estimate.
+            Defaults to ``4``.
+        repeat_penalty (float): ``ρ`` of the published weights' ``1 / (1 + ρ · times kept)``
+            per label value; ``0`` is off. Defaults to ``0.1``.
         lr_memory (float): Memory learning rate ``η``. Defaults to ``0.5``.
         lr_theta (float): θ learning rate ``η_θ``. Defaults to ``1.0``.
         memory_floor (float): Smallest memory weight / mean. Defaults to ``0.05``.
         memory_cap (float): Largest memory weight / mean. Defaults to ``20``.
         theta_floor (float): Smallest θ share. Defaults to ``0.05``.
         seed (int): Probe seed. Defaults to ``0``.
+        probe_micro_batch (int, optional): Most samples per forward/backward of the influence
+            pass. Defaults to ``None`` (the trainer's ``device_train_microbatch_size``).
+        activation_checkpointing (bool): Checkpoint the model's blocks in the influence pass.
+            Defaults to ``True``.
         reference_split (str, optional): MDS split of the reference. Defaults to ``None``.
         reference_local (str, optional): Cache dir for a remote reference. Defaults to ``None``.
         reference_tokenizer (str, optional): Tokenizer of a jsonl/text reference. Defaults to
@@ -147,12 +166,17 @@ class AgentConsole(Algorithm):
                  probe_size: int = 64,
                  probe_pool: int = 4096,
                  reference_size: int = 32,
+                 reward: str = 'inner',
+                 value_prior: float = 4.0,
+                 repeat_penalty: float = 0.1,
                  lr_memory: float = 0.5,
                  lr_theta: float = 1.0,
                  memory_floor: float = 0.05,
                  memory_cap: float = 20.0,
                  theta_floor: float = 0.05,
                  seed: int = 0,
+                 probe_micro_batch: Optional[int] = None,
+                 activation_checkpointing: bool = True,
                  reference_split: Optional[str] = None,
                  reference_local: Optional[str] = None,
                  reference_tokenizer: Optional[str] = None,
@@ -160,9 +184,13 @@ class AgentConsole(Algorithm):
                  collate_fn: Optional[Callable[[list], Any]] = None) -> None:
         self.config = ConsoleConfig(update_interval=update_interval, lead=lead,
                                     probe_size=probe_size, probe_pool=probe_pool,
-                                    reference_size=reference_size, lr_memory=lr_memory,
+                                    reference_size=reference_size, reward=reward,
+                                    value_prior=value_prior, repeat_penalty=repeat_penalty,
+                                    lr_memory=lr_memory,
                                     lr_theta=lr_theta, memory_floor=memory_floor,
-                                    memory_cap=memory_cap, theta_floor=theta_floor, seed=seed)
+                                    memory_cap=memory_cap, theta_floor=theta_floor, seed=seed,
+                                    probe_micro_batch=probe_micro_batch,
+                                    activation_checkpointing=activation_checkpointing)
         self.reference = reference
         self.reference_split = reference_split
         self.reference_local = reference_local
@@ -198,11 +226,40 @@ class AgentConsole(Algorithm):
         evals = {ev.label: ev.dataloader.dataloader.dataset for ev in state.evaluators
                  if hasattr(getattr(ev.dataloader, 'dataloader', None), 'dataset')}
         check_run(state.model, dataset, evals, self.reference_tokenizer_info())
-        check_token_ids(reference, model_vocab_size(state.model), 'mads_console reference set')
+        check_token_ids(spread(reference, _REFERENCE_CHECKED), model_vocab_size(state.model),
+                        'mads_console reference set')
+
+    def _load_reference(self, dataset: MADSDataset) -> Sequence[dict]:
+        return load_reference(self.reference, self.reference_split, self.reference_local, dataset,
+                              self.reference_tokenizer)
 
     def _make_batch(self, samples: Sequence[dict]) -> Any:
         assert self._state is not None and self.collate_fn is not None
         return self._state.device.batch_to_device(self.collate_fn(list(samples)))
+
+    def _configure_influence(self, state: State, reference: Sequence[dict], logger: Logger) -> None:
+        """Run the influence pass like a training step (the trainer's micro-batch size and
+        autocast dtype), then measure one probe micro-batch of it and print the expected peak,
+        so a run that cannot afford it learns so before training."""
+        options = self.console.influence_options
+        micro = state.device_train_microbatch_size
+        if options['micro_batch'] is None and isinstance(micro, int):
+            options['micro_batch'] = micro
+        options['autocast_dtype'] = _AUTOCAST.get(state.precision)
+        size = min(options['micro_batch'] or len(reference), len(reference))
+        memory = influence_memory(state.model, self._make_batch(list(reference[:size])),
+                                  self.console.loss_fn, autocast_dtype=options['autocast_dtype'],
+                                  checkpoint=options['checkpoint'])
+        logger.log_hyperparameters({'mads/influence_reference_grad_bytes': memory.reference_gradient,
+                                    'mads/influence_peak_bytes': memory.peak})
+        if dist.get_global_rank() == 0:
+            measured = 'not measurable here' if memory.peak is None else \
+                f'{memory.peak / 2**20:,.0f} MiB (measured on one micro-batch)'
+            print(f'MADS influence pass: micro-batch {size}, autocast '
+                  f'{options["autocast_dtype"]}, activation checkpointing '
+                  f'{"on" if options["checkpoint"] else "off"}; expected peak above the model, '
+                  f'optimizer and gradients: {measured}, of which the reference gradient '
+                  f'{memory.reference_gradient / 2**20:,.0f} MiB', flush=True)
 
     def match(self, event: Event, state: State) -> bool:
         if event == Event.FIT_START:
@@ -220,9 +277,7 @@ class AgentConsole(Algorithm):
             if self.collate_fn is None:
                 self.collate_fn = getattr(dataloader, 'collate_fn', None) or \
                     DataLoader([]).collate_fn
-            reference = load_reference(self.reference, self.config.reference_size,
-                                       self.reference_split, self.reference_local, dataset,
-                                       self.reference_tokenizer)
+            reference = self._load_reference(dataset)
             self._check_before_training(state, dataset, reference)
             # Versions follow the batches Composer really runs per epoch (drop_last,
             # train_subset_num_batches), not the dataset's pool count.
@@ -230,6 +285,7 @@ class AgentConsole(Algorithm):
             self.console.attach(dataset, prefetch_depth(dataloader), reference,
                                 int(per_epoch) if per_epoch is not None else None)
             logger.log_hyperparameters({f'mads/{k}': v for k, v in vars(self.config).items()})
+            self._configure_influence(state, reference, logger)
             if int(state.timestamp.batch_in_epoch) == 0:
                 self._resume_rng = None  # Composer restores the RNG itself at epoch starts.
             return

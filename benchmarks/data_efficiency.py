@@ -5,11 +5,14 @@ labelled corpus (the demo corpus by default), evaluating the evaluation, referen
 per-domain held-out losses as it goes:
 
 1. ``uniform``: plain StreamingDataset (``yamls/random-baseline-cpu.yaml``),
-2.-4. ``quality`` / ``domain`` / ``topic``: one agent, memory updated online,
-5. ``static-quality``: static top-k by the initial quality score (a classifier filter: hard top-k
+2. ``stratified``: an equal share per domain (domain memory ``1 / frequency``, no console),
+3. ``odm``: an online EXP3 bandit over domains rewarded by training loss, in the style of ODM
+   (``algorithms.DomainBandit``, same probes, board and schedule as MADS),
+4.-6. ``quality`` / ``domain`` / ``topic``: one agent, memory updated online,
+7. ``static-quality``: static top-k by the initial quality score (a classifier filter: hard top-k
    over fine quality bins, no console),
-6. ``fixed-theta``: all three agents with θ frozen at equal weights (no collaboration),
-7. ``mads``: all three agents, dynamic θ (``yamls/quickstart-cpu.yaml``).
+8. ``fixed-theta``: all three agents with θ frozen at equal weights (no collaboration),
+9. ``mads``: all three agents, dynamic θ (``yamls/quickstart-cpu.yaml``).
 
 Every ratio is measured on the **evaluation set**: documents of the reference's kind that the
 console never sees (the reference set only steers it). An arm's costs to reach uniform's final
@@ -48,12 +51,26 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         'algorithms={}', 'train_loader.dataset.temperature=0',
         'train_loader.dataset.agents=[{type: quality, bins: ' + str(QUALITY_FINE) + ', init: ' +
         str([float(2**i) for i in range(10)]) + '}]']),
+    'stratified': ('quickstart-cpu.yaml', [
+        'algorithms={}', 'train_loader.dataset.temperature=1',
+        'train_loader.dataset.agents=[{type: domain, init: balanced}]']),
+    'odm': ('quickstart-cpu.yaml', [
+        'algorithms={domain_bandit: {update_interval: 30, probe_size: 48}}',
+        'train_loader.dataset.temperature=1', 'train_loader.dataset.agents=[domain]']),
     'fixed-theta': ('quickstart-cpu.yaml', ['algorithms.mads_console.lr_theta=0']),
     'mads': ('quickstart-cpu.yaml', []),
 }
 
 
 COSTS = ('tokens', 'wall', 'flops')
+
+
+def _console_key(overrides: list[str]) -> Optional[str]:
+    """The arm's algorithm key under ``algorithms`` (``None``: no console)."""
+    for o in overrides:
+        if o.startswith('algorithms='):
+            return None if o == 'algorithms={}' else o[len('algorithms={'):].split(':')[0].strip()
+    return 'mads_console'
 
 
 def _interp(steps: list[int], losses: list[float], grid: np.ndarray) -> np.ndarray:
@@ -172,6 +189,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument('--data', help='labelled MDS dataset (default: build the demo corpus)')
     parser.add_argument('--reference', help='reference MDS set, steers the console (with --data)')
     parser.add_argument('--evaluation', help='evaluation MDS set, only measured (with --data)')
+    parser.add_argument('--corpus', choices=('demo', 'packages'), default='demo',
+                        help='embedded corpus built without --data: Python\'s docs (demo) or the '
+                        'installed packages\' docs and code, reference across domains (packages)')
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='extra override for every arm (repeatable)')
     parser.add_argument('--reuse', metavar='RESULTS_JSON',
@@ -196,7 +216,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         paths: dict[str, Any] = {'data': args.data, 'reference': args.reference,
                                  'evaluation': args.evaluation, 'heldout': {}}
     else:
-        paths = prepare_data(os.path.join(args.out, 'corpus'), progress=False, **corpus)
+        paths = prepare_data(os.path.join(args.out, 'corpus'), progress=False,
+                             corpus=args.corpus, **corpus)
     arms = [a for a in args.arms.split(',') if a]
     if 'uniform' not in arms:
         parser.error('the uniform arm is the yardstick: keep it in --arms')
@@ -216,10 +237,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             seeds = [f'seed={seed}', f'train_loader.dataset.shuffle_seed={seed}']
             if yaml_name == 'quickstart-cpu.yaml':
                 seeds.append(f'train_loader.dataset.selection_seed={seed}')
-                if not any(o.startswith('algorithms={}') for o in overrides):
-                    seeds.append(f'algorithms.mads_console.seed={seed}')
+                console = _console_key(overrides)
+                if console:
+                    seeds.append(f'algorithms.{console}.seed={seed}')
                     if args.quick:
-                        seeds.append('algorithms.mads_console.update_interval=5')
+                        seeds.append(f'algorithms.{console}.update_interval=5')
             overrides = overrides + seeds + args.set + \
                 ([f'max_duration={args.budget}'] if args.budget else [])
             t0 = time.perf_counter()

@@ -2,11 +2,14 @@
 
 An agent is the paper's unit of data-selection knowledge. It reads one sidecar label column,
 turns the raw value into a *label value* id (a category, or the bin of a continuous score) and
-holds a **memory**: one positive weight per label value. Its score of a sample is the
-standardised log of the weight of the sample's value (see :mod:`streaming_mads.selection`).
+holds a **memory**: one positive weight per label value. Its score of a sample is the centred
+log of the weight of the sample's value (see :mod:`streaming_mads.selection`).
 
-The dataset uses agents to label candidates (vectorised, once per pool); the console updates
-their memories from rewards. Adding a selection method is adding an agent over a new column::
+An agent is also the one owner of how its memory is read and moved: the dataset's workers turn
+each published memory into selection scores with :meth:`Agent.score_table`, and the console moves
+the memory with :meth:`Agent.update` from the per-value reward estimates of
+:mod:`streaming_mads.rewards`; a subclass that overrides either changes what the run does.
+Adding a selection method is adding an agent over a new column::
 
     agents:
       - {name: perplexity, column: ppl_score, bins: [10, 20, 40, 80]}
@@ -20,24 +23,21 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streaming_mads.labels import CATEGORICAL, SCORE, LabelError, LabelStore
-from streaming_mads.selection import standardized_log_weights
+from streaming_mads.selection import centred_log_weights
 
 __all__ = [
     'Agent', 'CategoricalAgent', 'BinnedAgent', 'QualityAgent', 'DomainAgent', 'TopicAgent',
-    'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped', 'mean_by_value'
+    'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped'
 ]
+
+#: ``init`` of an agent whose memory starts at ``1 / frequency``: equal shares of its values.
+BALANCED = 'balanced'
+
+#: An initial memory: positive weights, one per label value, or :data:`BALANCED`.
+Init = Union[Sequence[float], str]
 
 #: Default quality bin edges: five bins over a 0-5 score, as the paper's quality agent.
 DEFAULT_QUALITY_EDGES = (1.0, 2.0, 3.0, 4.0)
-
-
-def mean_by_value(label_ids: NDArray, z: NDArray, num_values: int) -> NDArray[np.float64]:
-    """Mean of ``z`` over samples of each label value; ``NaN`` for values with no sample."""
-    ids = np.asarray(label_ids, np.int64)
-    sums = np.bincount(ids, weights=z, minlength=num_values)
-    counts = np.bincount(ids, minlength=num_values)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def multiplicative_update(weights: NDArray, mean_rewards: NDArray, lr: float, floor: float,
@@ -94,12 +94,16 @@ class Agent:
 
     kind: str = ''
 
-    def __init__(self, name: str, column: str, init: Optional[Sequence[float]] = None) -> None:
+    def __init__(self, name: str, column: str, init: Optional[Init] = None) -> None:
         if not name:
             raise ValueError('An agent needs a non-empty `name`.')
         self.name = name
         self.column = column
-        self.init = None if init is None else np.asarray(init, np.float64)
+        self.balanced = isinstance(init, str)
+        if self.balanced and init != BALANCED:
+            raise ValueError(f'Agent {name!r}: `init` is a list of positive weights or '
+                             f'{BALANCED!r}, got {init!r}.')
+        self.init = None if init is None or self.balanced else np.asarray(init, np.float64)
         if self.init is not None and (self.init.ndim != 1 or np.any(self.init <= 0)):
             raise ValueError(f'Agent {name!r}: `init` must be a list of positive weights.')
         self.value_names: tuple[str, ...] = ()
@@ -119,20 +123,35 @@ class Agent:
         """Label value id of each raw column value (vectorised)."""
         raise NotImplementedError
 
-    def score(self, raw: NDArray) -> NDArray[np.float64]:
-        """The agent's standardised score ``ŝ(x)`` of each raw column value (vectorised)."""
-        return standardized_log_weights(self.memory, self.freq)[self.label_ids(raw)]
+    def score_table(self, memory: Optional[NDArray] = None) -> NDArray[np.float64]:
+        """Score ``ŝ[k]`` of each label value under ``memory`` (default: the current memory).
 
-    def update(self, label_ids: NDArray, rewards: NDArray, lr: float, floor: float,
-               cap: float) -> NDArray[np.float64]:
-        """Multiplicative-weights step from rewards of samples with these label value ids.
-
-        Returns the mean reward per value (``NaN`` where no sample had that value; those values
-        keep their weight).
+        The dataset's workers call this on every published version (in the worker, on the
+        memory read from the board), so it must be a pure function of the memory and the
+        agent's fixed label statistics. Default: :func:`~streaming_mads.selection.centred_log_weights`.
         """
-        mean = mean_by_value(label_ids, rewards, self.num_values)
-        self.memory = multiplicative_update(self.memory, mean, lr, floor, cap)
-        return mean
+        return centred_log_weights(self.memory if memory is None else memory, self.freq)
+
+    def score(self, raw: NDArray) -> NDArray[np.float64]:
+        """The agent's score ``ŝ(x)`` of each raw column value under its current memory."""
+        return self.score_table()[self.label_ids(raw)]
+
+    def update(self, value_rewards: NDArray, lr: float, floor: float,
+               cap: float) -> NDArray[np.float64]:
+        """Move the memory by a multiplicative-weights step on per-value reward estimates.
+
+        The console calls this once per update with the estimates of
+        :func:`streaming_mads.rewards.value_effects` (0 for a value no probe measured, which
+        then keeps its weight relative to the mean). Returns the new memory.
+
+        Args:
+            value_rewards (NDArray): Estimated reward of each label value.
+            lr (float): ``lr_memory``.
+            floor (float): ``memory_floor``.
+            cap (float): ``memory_cap``.
+        """
+        self.memory = multiplicative_update(self.memory, value_rewards, lr, floor, cap)
+        return self.memory
 
     def _check_kind(self, store: LabelStore) -> Any:
         info = store.info(self.column)
@@ -148,7 +167,12 @@ class Agent:
         if self.init is not None and len(self.init) != len(self.value_names):
             raise ValueError(f'Agent {self.name!r}: `init` has {len(self.init)} weights for '
                              f'{len(self.value_names)} label values {list(self.value_names)}.')
-        self.memory = np.ones(len(self.value_names)) if self.init is None else self.init.copy()
+        if self.balanced:
+            # Weights 1/p_k: at temperature 1 every value is kept equally often (stratified).
+            inv = 1.0 / np.maximum(self.freq, 1)
+            self.memory = inv / inv.mean()
+        else:
+            self.memory = np.ones(len(self.value_names)) if self.init is None else self.init.copy()
 
     def state_dict(self) -> dict[str, Any]:
         """Memory and the label values it refers to (checked on load)."""
@@ -164,8 +188,8 @@ class Agent:
     def config(self) -> dict[str, Any]:
         """The spec that rebuilds this agent with :func:`build_agent`."""
         out: dict[str, Any] = {'name': self.name, 'column': self.column}
-        if self.init is not None:
-            out['init'] = self.init.tolist()
+        if self.init is not None or self.balanced:
+            out['init'] = BALANCED if self.balanced else self.init.tolist()
         return out
 
     def __repr__(self) -> str:
@@ -198,7 +222,7 @@ class BinnedAgent(Agent):
     kind = SCORE
 
     def __init__(self, name: str, column: str, edges: Sequence[float],
-                 init: Optional[Sequence[float]] = None) -> None:
+                 init: Optional[Init] = None) -> None:
         super().__init__(name, column, init)
         self.edges = np.asarray(edges, np.float64)
         if self.edges.ndim != 1 or len(self.edges) < 1 or np.any(np.diff(self.edges) <= 0):
@@ -249,8 +273,9 @@ def build_agent(spec: AgentSpec) -> Agent:
     """An agent from a preset name (``'quality'``, ``'domain'``, ``'topic'``), a dict, or itself.
 
     Dict keys: ``name``; ``column`` (defaults to ``name``); ``bins`` (edges, for a score column;
-    omitted for a categorical one); ``init`` (initial memory, one positive weight per label value;
-    default uniform); or ``type`` naming a preset whose defaults the other keys override.
+    omitted for a categorical one); ``init`` (initial memory, one positive weight per label value,
+    or ``'balanced'`` for ``1 / frequency``: every value kept equally often at temperature 1, the
+    stratified baseline; default uniform); or ``type`` naming a preset whose defaults the other keys override.
     """
     if isinstance(spec, Agent):
         return spec

@@ -54,8 +54,10 @@ class MADSDataset(SelectingStreamingDataset):
             Defaults to every preset whose label column exists.
         pool_ratio (float): ``r >= 1``: candidates per kept sample; ``r·B`` must be an integer.
             ``1`` selects nothing away. Defaults to ``1``.
-        temperature (float): ``τ >= 0`` of Gumbel-top-k; ``0`` is hard top-k, large values
-            approach uniform. Defaults to ``1``.
+        temperature (float): ``τ >= 0`` of Gumbel-top-k on the combined score, the one knob for
+            how sharply learned weights select: at ``1`` (one agent) a candidate is kept with odds
+            proportional to its value's memory weight, below 1 sharper, ``0`` is hard top-k,
+            large values approach uniform. Defaults to ``1``.
         selection_seed (int): Seed of the selection noise (with epoch and pool index).
             Defaults to ``0``.
         version_timeout (float): Seconds a worker waits for an unpublished weight version before
@@ -101,7 +103,6 @@ class MADSDataset(SelectingStreamingDataset):
         self.labels = self._open_labels()
         available = set.intersection(*(set(s.columns) for s in self.labels.streams))
         self.agents: list[Agent] = build_agents(agents, self.labels, sorted(available))
-        self._freqs = [agent.freq for agent in self.agents]
 
         # Per-rank batches of an epoch: one per pool, the last possibly partial.
         candidates = self.length
@@ -174,8 +175,10 @@ class MADSDataset(SelectingStreamingDataset):
         return self.board.read(version)
 
     def score_tables(self, weights: Weights) -> list[NDArray[np.float64]]:
-        """Per-agent score tables ``θ_a ŝ_a`` of a weight version, over this data's label mix."""
-        return score_tables(weights.memories, self._freqs, weights.theta)
+        """Per-agent score tables ``θ_a ŝ_a`` of a weight version (each agent's
+        :meth:`~streaming_mads.agents.Agent.score_table` of the published memory)."""
+        return score_tables([agent.score_table(m) for agent, m in zip(self.agents, weights.memories)],
+                            weights.theta)
 
     # -- length and resumption -------------------------------------------------------------
 

@@ -133,13 +133,21 @@ def _say(msg: str) -> None:
 
 
 def prepare_data(out: str, code_bytes: int, seq_len: int, vocab_size: int,
-                 progress: bool) -> dict[str, Any]:
-    """Corpus text -> tokenised MDS (train, held-out, reference) -> sidecar labels."""
+                 progress: bool, corpus: str = 'demo') -> dict[str, Any]:
+    """Corpus text -> tokenised MDS (train, held-out, reference) -> sidecar labels.
+
+    ``corpus`` picks the text: ``'demo'`` (:mod:`streaming_mads.demo_corpus`) or ``'packages'``
+    (:mod:`streaming_mads.packages_corpus`, a reference across domains).
+    """
     from streaming_mads.convert import convert
     from streaming_mads.demo_corpus import build_demo_text
     from streaming_mads.labeling import inspect_dataset, label_dataset
+    from streaming_mads.packages_corpus import build_packages_text
 
-    text = build_demo_text(os.path.join(out, 'text'), code_bytes=code_bytes)
+    builders = {'demo': build_demo_text, 'packages': build_packages_text}
+    if corpus not in builders:
+        raise ValueError(f'corpus must be one of {sorted(builders)}, not {corpus!r}')
+    text = builders[corpus](os.path.join(out, 'text'), code_bytes=code_bytes)
     data = os.path.join(out, 'data')
     summary = convert([f'{d}={p}' for d, p in text.train.items()], data, layout='single',
                       seq_len=seq_len, tokenizer='train', vocab_size=vocab_size, overwrite=True,
@@ -192,12 +200,16 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
     trainer.close()
     result: dict[str, Any] = {'run': cfg.get('run_name'), 'wall_s': wall, 'tokens': tokens,
                               'batches': batches, 'eval': {}, 'mads': {}, 'clock': clock.times}
-    console = (cfg.get('algorithms') or {}).get('mads_console')
-    if console:
-        per_sample = tokens / max(batches, 1) / cfg['global_train_batch_size']
-        sizes = {**vars(ConsoleConfig()), **console}
+    algos = cfg.get('algorithms') or {}
+    per_sample = tokens / max(batches, 1) / cfg['global_train_batch_size']
+    if algos.get('mads_console'):
+        sizes = {**vars(ConsoleConfig()), **algos['mads_console']}
         result['console_tokens_per_update'] = per_sample * (sizes['reference_size'] +
                                                             sizes['probe_size'])
+    elif algos.get('domain_bandit'):
+        # A forward pass over the probes only: a third of a training step's FLOPs per token.
+        sizes = {**vars(ConsoleConfig()), **algos['domain_bandit']}
+        result['console_tokens_per_update'] = per_sample * sizes['probe_size'] / 3
     for key in mem.data:
         if key.startswith('metrics/') and key.endswith('/LanguageCrossEntropy'):
             result['eval'][key.split('/')[1]] = _series(mem, key)

@@ -106,6 +106,24 @@ def _write(directory: str, docs: list[tuple[str, str]]) -> str:
     return directory
 
 
+def _write_domains(out: str, docs: dict[str, list[tuple[str, str]]],
+                   heldout: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Write every domain's documents to ``train/<domain>`` and ``heldout/<domain>``.
+
+    A document is held out by a hash of its domain and name, so the split does not depend on the
+    other documents; a domain too small to get one by chance still holds its last one out.
+    """
+    train, held = {}, {}
+    for domain, items in docs.items():
+        keep = [d for d in items if not _heldout(f'{domain}/{d[0]}', heldout)]
+        out_of = [d for d in items if _heldout(f'{domain}/{d[0]}', heldout)]
+        if not out_of and len(keep) > 1:
+            out_of = [keep.pop()]
+        train[domain] = _write(os.path.join(out, 'train', domain), keep)
+        held[domain] = _write(os.path.join(out, 'heldout', domain), out_of)
+    return train, held
+
+
 def build_demo_text(out: str, code_bytes: int = 3_000_000, heldout: float = 0.05,
                     reference_fraction: float = 0.25, seed: int = 0) -> DemoCorpus:
     """Write the demo corpus as text files under ``out`` (one file per document).
@@ -142,13 +160,6 @@ def build_demo_text(out: str, code_bytes: int = 3_000_000, heldout: float = 0.05
         rel = os.path.relpath(path, root).replace(os.sep, '__')
         with open(path, encoding='utf-8', errors='replace') as f:
             docs['code'].append((rel + '.txt', f.read()))
-    train, held = {}, {}
-    for domain, items in docs.items():
-        keep = [d for d in items if not _heldout(f'{domain}/{d[0]}', heldout)]
-        out_of = [d for d in items if _heldout(f'{domain}/{d[0]}', heldout)]
-        if not out_of and len(keep) > 1:  # Small corpora: still hold one document out.
-            out_of = [keep.pop()]
-        train[domain] = _write(os.path.join(out, 'train', domain), keep)
-        held[domain] = _write(os.path.join(out, 'heldout', domain), out_of)
+    train, held = _write_domains(out, docs, heldout)
     return DemoCorpus(train, held, _write(os.path.join(out, 'reference'), reference),
                       _write(os.path.join(out, 'evaluation'), evaluation))

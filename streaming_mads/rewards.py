@@ -5,14 +5,24 @@ The rule is stated in ``docs/architecture.md`` ("The console's update").
 Given the influence of each probe sample on the reference loss, one update:
 
 1. standardises the rewards (gradient scale drifts over training; only the ranking matters),
-2. moves each agent's memory by multiplicative weights on the mean reward of each label value
-   (values with no probe keep their weight),
-3. moves θ toward the agents whose *current* scores predicted this round's rewards best (Pearson
-   correlation of ``ŝ_a`` with the rewards, measured before the memories learn from the same
-   rewards, so an agent with many values cannot win by fitting noise),
-4. returns the statistics the console logs.
+2. estimates each label value's effect on the reward jointly over all agents
+   (:func:`value_effects`: a least-squares fit of the rewards on every agent's one-hot label
+   values, each effect then shrunk by its probe count as if ``value_prior`` probes of reward 0
+   were added, so a value seen in one probe moves far less than one seen in twenty). Fitting
+   the agents jointly gives each agent only the effect its label carries *beyond* the others',
+   so an agent whose labels are merely correlated with another's (low quality is mostly
+   ``garbled``) gets no systematic credit; and a fit on the labels stays unbiased although the
+   stratified probe set over-represents rare values (its sampling depends only on the labels),
+3. moves θ toward the agents whose *current* scores predict this round's rewards, jointly
+   (:func:`predictiveness`: standardised partial regression coefficients, measured before the
+   memories learn from the same rewards, so an agent with many values cannot win by fitting
+   noise, and correlated agents do not both take the credit of one),
+4. returns the statistics the console logs; each agent then moves its own memory from its
+   value effects (:meth:`streaming_mads.agents.Agent.update`).
 
-Everything is deterministic numpy on gathered inputs, so every rank computes bit-identical weights.
+Everything is deterministic numpy on gathered inputs; the console computes it on rank 0 and
+broadcasts the result, so every rank holds the same bytes even on nodes whose math libraries
+round differently.
 """
 
 from __future__ import annotations
@@ -23,13 +33,17 @@ from typing import Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.agents import mean_by_value, multiplicative_update
-from streaming_mads.selection import standardized_log_weights
-
 __all__ = [
-    'standardize', 'predictiveness', 'update_theta', 'Update', 'update_weights',
-    'stratified_probe'
+    'REWARDS', 'standardize', 'reward_signal', 'value_effects', 'predictiveness', 'update_theta',
+    'Update', 'update_weights', 'stratified_probe'
 ]
+
+#: Reward kinds: the raw influence ``⟨∇ℓ(x), ∇L_R⟩`` or its cosine (divided by ``|∇ℓ(x)|``).
+REWARDS = ('inner', 'cosine')
+
+#: Ridge of the θ regression (in units of the standardised scores' variance): keeps two agents
+#: with identical scores solvable, splitting their credit equally.
+THETA_RIDGE = 0.05
 
 
 def standardize(rewards: NDArray) -> NDArray[np.float64]:
@@ -39,15 +53,92 @@ def standardize(rewards: NDArray) -> NDArray[np.float64]:
     return (r - r.mean()) / std if std > 1e-300 else np.zeros_like(r)
 
 
-def predictiveness(scores: NDArray, z: NDArray) -> float:
-    """Pearson correlation of an agent's scores with the rewards (0 if either is constant)."""
-    s = np.asarray(scores, np.float64)
-    s = s - s.mean()
-    zc = np.asarray(z, np.float64) - np.mean(z)
-    denom = np.sqrt(np.dot(s, s) * np.dot(zc, zc))
-    return float(np.dot(s, zc) / denom) if denom > 1e-300 else 0.0
+def reward_signal(inner: NDArray, grad_norms: Optional[NDArray], kind: str) -> NDArray[np.float64]:
+    """The reward of each probe from its influence: ``inner``, or ``cosine`` (``inner / |∇ℓ|``).
+
+    A raw inner product is dominated by samples with large gradients (high-loss, garbled text);
+    the cosine measures only the direction a sample pushes the model. (The reference gradient's
+    norm is common to all probes and cancels in :func:`standardize`.) A zero-norm probe gets 0.
+
+    Args:
+        inner (NDArray): ``⟨∇ℓ(x), ∇L_R⟩`` per probe.
+        grad_norms (NDArray, optional): ``|∇ℓ(x)|`` per probe (needed for ``cosine``).
+        kind (str): One of :data:`REWARDS`.
+    """
+    inner = np.asarray(inner, np.float64)
+    if kind == 'inner':
+        return inner
+    if kind != 'cosine':
+        raise ValueError(f'Unknown reward {kind!r}: use one of {list(REWARDS)}.')
+    if grad_norms is None:
+        raise ValueError('The cosine reward needs the probes\' gradient norms.')
+    norms = np.asarray(grad_norms, np.float64)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(norms > 0, inner / np.where(norms > 0, norms, 1.0), 0.0)
 
 
+def _ridge(design: NDArray, z: NDArray, penalty: float) -> NDArray[np.float64]:
+    """``argmin |z - X b|² + penalty |b|²`` (the normal equations are tiny: one row per value)."""
+    gram = design.T @ design + penalty * np.eye(design.shape[1])
+    return np.linalg.solve(gram, design.T @ z)
+
+
+def value_effects(label_ids: Sequence[NDArray], sizes: Sequence[int], z: NDArray,
+                  prior: float) -> list[NDArray[np.float64]]:
+    """Each agent's estimated reward per label value, fitted jointly over all agents.
+
+    A least-squares fit of ``z`` on the concatenated one-hot label values of every agent (the
+    minimum-norm solution, since each agent's columns sum to the same intercept), so each agent
+    gets the part of the reward its labels explain *beyond* the others' (an agent merely
+    correlated with another gets no systematic credit), and, since probes are stratified on
+    labels only, the fit is not biased by the over-represented rare values. Each estimate is
+    then shrunk toward 0 by its probe count, ``β_k · n_k / (n_k + prior)``: with one agent the
+    estimate is ``Σ_{i∈k} z_i / (n_k + prior)``, so a value seen in one probe moves far less than
+    one seen in twenty. (Shrinking after the fit, not with a ridge penalty inside it, keeps a
+    rare value's effect from leaking into the values correlated with it.) A value no probe had
+    gets exactly 0.
+
+    Args:
+        label_ids (Sequence[NDArray]): Each agent's label value id of every probe.
+        sizes (Sequence[int]): Number of values of each agent.
+        z (NDArray): Standardised reward of every probe.
+        prior (float): ``value_prior``: pseudo-probes of reward 0 per value (``> 0``).
+    """
+    if not prior > 0:
+        raise ValueError(f'value_prior must be > 0, got {prior}.')
+    z = np.asarray(z, np.float64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    design = np.zeros((len(z), int(offsets[-1])))
+    rows = np.arange(len(z))
+    for ids, off in zip(label_ids, offsets[:-1]):
+        design[rows, off + np.asarray(ids, np.int64)] = 1.0
+    counts = design.sum(0)
+    beta = np.linalg.lstsq(design, z, rcond=None)[0] * counts / (counts + prior)
+    return [beta[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+
+
+def predictiveness(scores: Sequence[NDArray], z: NDArray) -> NDArray[np.float64]:
+    """How well each agent's current scores predict the rewards, jointly with the others.
+
+    The standardised coefficients of a (lightly ridged, :data:`THETA_RIDGE`) regression of the
+    standardised rewards on every agent's standardised scores of the probes. For one agent, or
+    agents whose scores are uncorrelated, it is the Pearson correlation (shrunk by ``1 /
+    (1 + THETA_RIDGE)``); when two agents' scores are correlated, each is credited only with
+    what it predicts beyond the other. An agent whose scores are constant gets 0.
+
+    Args:
+        scores (Sequence[NDArray]): Each agent's score of every probe.
+        z (NDArray): Standardised reward of every probe.
+    """
+    z = np.asarray(z, np.float64)
+    n = max(len(z), 1)
+    cols = []
+    for s in scores:
+        s = np.asarray(s, np.float64) - np.mean(s)
+        std = np.sqrt(np.dot(s, s) / n)
+        cols.append(s / std if std > 1e-12 else np.zeros_like(s))
+    design = np.stack(cols, 1) / np.sqrt(n)
+    return _ridge(design, (z - z.mean()) / np.sqrt(n), THETA_RIDGE)
 def update_theta(theta: NDArray, R: NDArray, lr: float, floor: float) -> NDArray[np.float64]:
     """``θ_a <- θ_a exp(lr (R_a - mean R))``, renormalised, every share at least ``floor``.
 
@@ -74,8 +165,7 @@ def update_theta(theta: NDArray, R: NDArray, lr: float, floor: float) -> NDArray
 
 @dataclass
 class Update:
-    """Result of one update: new weights and what to log."""
-    memories: list[NDArray[np.float64]]
+    """Result of one update: the new θ, each agent's value effects, and what to log."""
     theta: NDArray[np.float64]
     predictiveness: NDArray[np.float64]
     value_rewards: list[NDArray[np.float64]]
@@ -83,38 +173,28 @@ class Update:
     reward_std: float
 
 
-def update_weights(memories: Sequence[NDArray], theta: NDArray, freqs: Sequence[NDArray],
-                   probe_label_ids: Sequence[NDArray], rewards: NDArray, *, lr_memory: float,
-                   lr_theta: float, memory_floor: float, memory_cap: float,
-                   theta_floor: float) -> Optional[Update]:
+def update_weights(tables: Sequence[NDArray], theta: NDArray, probe_label_ids: Sequence[NDArray],
+                   rewards: NDArray, *, lr_theta: float, theta_floor: float,
+                   value_prior: float) -> Optional[Update]:
     """One console update (see ``docs/architecture.md``); ``None`` if any reward is NaN/inf.
 
     Args:
-        memories (Sequence[NDArray]): Each agent's memory before the update.
+        tables (Sequence[NDArray]): Each agent's current score table ``ŝ_a`` (its
+            :meth:`~streaming_mads.agents.Agent.score_table`), before this round's update.
         theta (NDArray): θ before the update.
-        freqs (Sequence[NDArray]): Each agent's label value counts in the data (standardisation).
         probe_label_ids (Sequence[NDArray]): Each agent's label value id of every probe.
-        rewards (NDArray): Influence of every probe on the reference loss.
-        lr_memory (float): ``η`` of the memories.
+        rewards (NDArray): Reward of every probe (see :func:`reward_signal`).
         lr_theta (float): ``η_θ`` of θ.
-        memory_floor (float): Smallest memory weight relative to the mean.
-        memory_cap (float): Largest memory weight relative to the mean.
         theta_floor (float): Smallest θ share.
+        value_prior (float): Pseudo-probes of reward 0 per label value (:func:`value_effects`).
     """
     rewards = np.asarray(rewards, np.float64)
     if rewards.size == 0 or not np.all(np.isfinite(rewards)):
         return None
     z = standardize(rewards)
-    R = np.array([
-        predictiveness(standardized_log_weights(m, f)[ids], z)
-        for m, f, ids in zip(memories, freqs, probe_label_ids)
-    ])
-    value_rewards = [mean_by_value(ids, z, len(m)) for m, ids in zip(memories, probe_label_ids)]
-    new_memories = [
-        multiplicative_update(m, r, lr_memory, memory_floor, memory_cap)
-        for m, r in zip(memories, value_rewards)
-    ]
-    return Update(new_memories, update_theta(theta, R, lr_theta, theta_floor), R, value_rewards,
+    R = predictiveness([np.asarray(t)[ids] for t, ids in zip(tables, probe_label_ids)], z)
+    effects = value_effects(probe_label_ids, [len(t) for t in tables], z, value_prior)
+    return Update(update_theta(theta, R, lr_theta, theta_floor), R, effects,
                   float(rewards.mean()), float(rewards.std()))
 
 

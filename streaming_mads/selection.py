@@ -4,8 +4,9 @@ Every function here is a plain function on numpy arrays, so it is shared verbati
 (which selects) and by tests and the console (which reason about what was selected).
 
 Scores are lookup tables: an agent's score depends only on the label value of a sample, so for
-each weight version we turn every agent's memory into a table ``θ_a · ŝ_a[k]`` once, and a pool's
-combined scores are a sum of table gathers.
+each weight version every agent's memory becomes a table ``θ_a · ŝ_a[k]`` once (the agent's
+:meth:`~streaming_mads.agents.Agent.score_table`, by default :func:`centred_log_weights`), and a
+pool's combined scores are a sum of table gathers.
 """
 
 from __future__ import annotations
@@ -16,18 +17,23 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    'standardized_log_weights', 'score_tables', 'combined_scores', 'gumbel_noise', 'gumbel_topk'
+    'centred_log_weights', 'score_tables', 'combined_scores', 'simulate_keep', 'repeat_penalized',
+    'gumbel_noise', 'gumbel_topk'
 ]
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def standardized_log_weights(weights: NDArray, freq: NDArray) -> NDArray[np.float64]:
-    """An agent's score table ``ŝ[k] = (log w[k] - μ) / σ``, μ and σ over the data's label mix.
+def centred_log_weights(weights: NDArray, freq: NDArray) -> NDArray[np.float64]:
+    """An agent's score table ``ŝ[k] = log w[k] - Σ_j p_j log w[j]``, ``p`` the data's label mix.
 
-    Standardising over how often each label value occurs in the dataset puts agents with 2 or 50
-    values on the same scale, so θ alone decides how much each agent counts. A constant memory
-    (σ = 0) scores every value 0: that agent then has no opinion.
+    The score is the memory's log-weight, centred over how often each label value occurs in the
+    data, and *not* divided by its spread: a memory that learned little (``[1, 1 + 1e-9]``)
+    scores every value near 0 and selects near uniformly, and the selection sharpens only as the
+    memory's contrast grows, so ``lr_memory``, ``memory_floor`` and ``memory_cap`` bound how hard
+    the dataset selects. With one agent at temperature ``τ = 1`` a candidate is kept with odds
+    proportional to its value's weight ``w[k]``; ``τ`` is the one knob for sharpness. Centring
+    makes the average candidate score 0, so agents add without shifting each other.
 
     Args:
         weights (NDArray): Positive memory weights, one per label value.
@@ -37,19 +43,52 @@ def standardized_log_weights(weights: NDArray, freq: NDArray) -> NDArray[np.floa
     p = np.asarray(freq, np.float64)
     total = p.sum()
     p = p / total if total > 0 else np.full_like(p, 1.0 / max(len(p), 1))
-    mu = float(np.dot(p, logw))
-    sigma = float(np.sqrt(np.dot(p, (logw - mu)**2)))
-    if not np.isfinite(sigma) or sigma <= 1e-12:
-        return np.zeros_like(logw)
-    return (logw - mu) / sigma
+    return logw - float(np.dot(p, logw))
 
 
-def score_tables(memories: Sequence[NDArray], freqs: Sequence[NDArray],
-                 theta: NDArray) -> list[NDArray[np.float64]]:
-    """Per-agent tables ``θ_a · ŝ_a[k]``; a sample's combined score is the sum of its entries."""
-    return [
-        float(t) * standardized_log_weights(w, f) for w, f, t in zip(memories, freqs, theta)
-    ]
+def score_tables(tables: Sequence[NDArray], theta: NDArray) -> list[NDArray[np.float64]]:
+    """Per-agent tables ``θ_a · ŝ_a[k]``; a sample's combined score is the sum of its entries.
+
+    With θ summing to 1 the combined score is the log of a weighted geometric mean of the
+    agents' (centred) weights of the sample's values.
+    """
+    return [float(t) * np.asarray(table, np.float64) for table, t in zip(tables, theta)]
+
+
+def simulate_keep(scores: NDArray, pool_size: int, keep: int, temperature: float,
+                  key: Sequence[int], pools: int = 256) -> NDArray[np.float64]:
+    """Times each candidate is kept when pools drawn from ``scores`` go through the selection.
+
+    The candidates are a uniform draw of what the loader dealt; ``pools`` pools of
+    ``pool_size`` are drawn from them with replacement and each keeps ``keep`` by
+    :func:`gumbel_topk`, so the within-pool competition (a favoured value is capped by how many
+    of its candidates a pool holds) is reproduced exactly rather than approximated. Seeded by
+    ``key``: the same numbers on every rank. Used to estimate how many samples of each label
+    value the loader kept, without counting in the workers (the console's repeat penalty).
+
+    Args:
+        scores (NDArray): Combined score of each candidate.
+        pool_size (int): Candidates per pool.
+        keep (int): Kept per pool.
+        temperature (float): ``τ >= 0`` of the selection.
+        key (Sequence[int]): Seed words.
+        pools (int): Simulated pools. Defaults to ``256``.
+    """
+    s = np.asarray(scores, np.float64)
+    kept = np.zeros(len(s))
+    if not len(s):
+        return kept
+    members = np.random.default_rng(list(key)).integers(0, len(s), (pools, pool_size))
+    for j, idx in enumerate(members):
+        chosen = gumbel_topk(s[idx], gumbel_noise(tuple(key) + (j,), pool_size), keep, temperature)
+        np.add.at(kept, idx[chosen], 1.0)
+    return kept
+
+
+def repeat_penalized(memory: NDArray, exhaustion: NDArray, rate: float) -> NDArray[np.float64]:
+    """Memory weights divided by ``1 + rate · e_k``, ``e_k`` the times each sample of value ``k``
+    was kept on average so far: the paper's ``score / (1 + 0.1 · count)`` per label value."""
+    return np.asarray(memory, np.float64) / (1.0 + rate * np.asarray(exhaustion, np.float64))
 
 
 def combined_scores(tables: Sequence[NDArray], label_ids: Sequence[NDArray]) -> NDArray[np.float64]:

@@ -3,7 +3,8 @@
 The YAML names the model (a Hugging Face causal LM built from a config, random init), the
 ``train_loader`` (``name: mads`` for :class:`MADSDataset`, ``name: streaming`` for the uniform
 baseline), optional ``eval_loaders`` (reference and per-domain held-out sets, evaluated for loss
-and perplexity at ``eval_interval``), ``algorithms: {mads_console: {...}}``, optimizer, scheduler,
+and perplexity at ``eval_interval``), ``algorithms: {mads_console: {...}}`` (or ``domain_bandit``,
+the ODM-style baseline), optimizer, scheduler,
 duration, loggers, callbacks, checkpointing and FSDP settings passed to Composer. Command-line
 ``key.sub=value`` overrides are parsed as YAML values. Every error names the offending key.
 
@@ -228,18 +229,24 @@ def _named(section: str, cfg: dict[str, Any], classes: dict[str, Any]) -> list[A
 
 
 def _algorithms(cfg: dict[str, Any]) -> list[Any]:
-    from algorithms import AgentConsole
+    from algorithms import AgentConsole, DomainBandit
     algos = _section(cfg, 'algorithms')
-    unknown = set(algos) - {'mads_console'}
+    known = {'mads_console': AgentConsole, 'domain_bandit': DomainBandit}
+    unknown = set(algos) - set(known)
     if unknown:
-        raise ConfigError(f'algorithms.{sorted(unknown)[0]} is unknown: the algorithm here is '
-                          'mads_console.')
-    if 'mads_console' not in algos:
-        return []
-    console = dict(algos['mads_console'] or {})
-    if 'reference' not in console:
-        raise ConfigError('algorithms.mads_console.reference is required (an MDS reference set).')
-    return [_call('algorithms.mads_console', AgentConsole, console)]
+        raise ConfigError(f'algorithms.{sorted(unknown)[0]} is unknown: the algorithms here are '
+                          'mads_console and domain_bandit (a baseline).')
+    if len(algos) > 1:
+        raise ConfigError('algorithms: use one of mads_console and domain_bandit, not both (each '
+                          'publishes the dataset\'s weights).')
+    out = []
+    for name, kwargs in algos.items():
+        kwargs = dict(kwargs or {})
+        if name == 'mads_console' and 'reference' not in kwargs:
+            raise ConfigError('algorithms.mads_console.reference is required (an MDS reference '
+                              'set).')
+        out.append(_call(f'algorithms.{name}', known[name], kwargs))
+    return out
 
 
 def _check_tokenizers(model: Any, train_dataset: Any, evaluators: Sequence[Any],

@@ -59,6 +59,31 @@ def test_planted_signal_is_found(corpus):
     assert all(t > 0 for t in _series(mem, 'mads/update_time_s'))
     theta = [_series(mem, f'mads/theta/{a}')[-1] for a in ('quality', 'domain', 'topic')]
     assert abs(sum(theta) - 1) < 1e-9 and theta[2] < max(theta[:2])  # Topic labels are random.
+    # Repeat penalty: the favoured values' samples were kept again and again, and the published
+    # weights are the memories divided by 1 + 0.1 x times kept.
+    exhaustion = _series(mem, 'mads/repeat/max_exhaustion')
+    assert np.all(np.diff(exhaustion) >= 0) and exhaustion[-1] > 5 * exhaustion[0]
+    console = algo.console
+    published = ds.weights(console.latest).memories
+    for agent, e, pub in zip(ds.agents, console.exhaustion(), published):
+        np.testing.assert_allclose(pub, agent.memory / (1 + 0.1 * e))
+    ref = ds.agents[1].value_names.index('ref')
+    assert console.exhaustion()[1][ref] > console.exhaustion()[1].min()
+
+
+def test_reference_draws_are_fresh_seeded_and_cover_the_set():
+    from streaming_mads.console import Console, ConsoleConfig
+
+    def draws(seed: int) -> list:
+        console = Console(ConsoleConfig(reference_size=8, seed=seed), list, None)
+        console.reference = [{'i': i} for i in range(100)]
+        return [console.reference_ids(v) for v in range(1, 60)]
+
+    a, b = draws(3), draws(3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # Same on every rank.
+    assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[0], draws(4)[0])
+    assert all(len(set(x.tolist())) == 8 for x in a)
+    assert len(set(np.concatenate(a).tolist())) > 95  # Not a few fixed documents.
 
 
 def _run(corpus, tmp, duration: str, **kwargs):
@@ -123,8 +148,13 @@ def test_nonfinite_influence_skips_the_update(corpus):
     assert _series(mem, 'mads/skipped_updates') == [1.0, 2.0]
     for agent in ds.agents:
         assert np.all(agent.memory == 1.0)
-    # The versions were still published (unchanged), so the data kept flowing.
-    assert ds.weights(2) is not None and np.all(ds.weights(2).memories[0] == 1.0)
+    # The versions were still published (learned memories unchanged, only the repeat penalty of
+    # what was kept moved them), so the data kept flowing.
+    published = ds.weights(2)
+    assert published is not None
+    for pub, expected in zip(published.memories, algo.console.selection_memories()):
+        np.testing.assert_array_equal(pub, expected)
+        assert np.all(pub <= 1.0) and pub.min() > 0.9
 
 
 def test_text_reference_is_tokenised_like_the_training_data(tmp_path):
@@ -143,11 +173,11 @@ def test_text_reference_is_tokenised_like_the_training_data(tmp_path):
     ref = tmp_path / 'reference.jsonl'
     ref.write_text('\n'.join('{"text": "A lazy dog sleeps while the brown fox runs. %d"}' % i
                              for i in range(30)))
-    samples = load_reference(str(ref), 4, dataset=ds)
-    assert len(samples) == 4 and all(s['tokens'].shape == (32,) for s in samples)
+    samples = load_reference(str(ref), dataset=ds)
+    assert len(samples) >= 4 and all(samples[i]['tokens'].shape == (32,) for i in range(4))
     assert samples[0]['tokens'].max() < 300  # The training tokenizer's vocabulary.
     with pytest.raises(FileNotFoundError, match='does not exist'):
-        load_reference(str(tmp_path / 'missing'), 4, dataset=ds)
+        load_reference(str(tmp_path / 'missing'), dataset=ds)
 
 
 @pytest.mark.parametrize('case', ['drop_last', 'subset'])

@@ -13,7 +13,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
 from streaming_mads import MADSDataset
-from streaming_mads.selection import standardized_log_weights
+from streaming_mads.selection import centred_log_weights
 
 B = 4
 
@@ -82,8 +82,8 @@ def test_hard_topk_keeps_the_best_of_every_pool(mds_dir):
     qfreq = np.bincount(np.searchsorted([1, 2, 3, 4], label_arrays(np.arange(600))['quality'],
                                         side='right'), minlength=5)
     dfreq = np.bincount(label_arrays(np.arange(600))['domain'], minlength=4)
-    dscore = standardized_log_weights(memories[0], dfreq)
-    qscore = standardized_log_weights(memories[1], qfreq)
+    dscore = centred_log_weights(memories[0], dfreq)
+    qscore = centred_log_weights(memories[1], qfreq)
 
     def score(i: int) -> float:
         lab = label_arrays(np.array([i]))
@@ -123,7 +123,7 @@ def test_soft_selection_follows_gumbel_topk_probabilities(tmp_path):
     plain = StreamingDataset(local=data, batch_size=b * r, shuffle=True)
     pools = batches(plain, num_workers=1)
     # Expected kept count per domain: sum of exact inclusion probabilities over the pools.
-    table = np.exp(standardized_log_weights(memory, np.bincount(np.arange(n) % 4)) / tau)
+    table = np.exp(centred_log_weights(memory, np.bincount(np.arange(n) % 4)) / tau)
     expected = np.zeros(4)
     variance = np.zeros(4)
     for pool in pools:

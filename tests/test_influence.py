@@ -484,3 +484,38 @@ def test_unsupported_cases_raise() -> None:
         compute_influence(InPlaceAfterLinear().double(), batch, batch)
     with pytest.raises(InfluenceError, match='reference_batch'):
         compute_influence(TinyLM(), batch)
+
+
+def brute_force_norms(model: nn.Module, batch: Any, params: Sequence[nn.Parameter]) -> Tensor:
+    """Each sample's gradient norm over ``params``, one backward per sample run alone."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = []
+        for i in range(_num_samples(batch)):
+            loss = causal_lm_per_sample_loss(model, _slice(batch, i))[0]
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            out.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
+    finally:
+        for m, t in modes:
+            m.training = t
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize('kind', ['gpt2', 'tied', 'untied', 'shared-embedding'])
+def test_gradient_norms_for_the_cosine_reward(kind: str) -> None:
+    torch.manual_seed(11)
+    model = {'gpt2': lambda: make_gpt2(seed=3), 'tied': lambda: TinyLM(tied=True, padding_idx=0),
+             'untied': lambda: TinyLM(tied=False),
+             'shared-embedding': SharedEmbeddingLM}[kind]().to(torch.float64)
+    vocab = model.config.vocab_size if kind == 'gpt2' else 23
+    probe = lm_batch(6, seed=12, vocab=vocab)
+    grads = reference_gradient(model, lm_batch(3, seed=13, vocab=vocab))
+    inner, norms = compute_influence(model, probe, reference_grad=grads, return_norms=True,
+                                     micro_batch=4)
+    torch.testing.assert_close(inner, compute_influence(model, probe, reference_grad=grads))
+    expected = brute_force_norms(model, probe, list(grads))
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-9, atol=1e-12)
+    # The cosine is a cosine: |<g, G>| <= |g| |G|, with equality for a probe equal to the reference.
+    g_norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+    assert torch.all(inner.abs() <= norms * g_norm * (1 + 1e-9))

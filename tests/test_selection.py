@@ -9,22 +9,45 @@ import pytest
 
 from streaming_mads.agents import BinnedAgent, CategoricalAgent, build_agent, multiplicative_update
 from streaming_mads.board import VersionEvictedError, VersionTimeoutError, WeightBoard
-from streaming_mads.selection import (combined_scores, gumbel_noise, gumbel_topk, score_tables,
-                                      standardized_log_weights)
+from streaming_mads.selection import (centred_log_weights, combined_scores, gumbel_noise,
+                                      gumbel_topk, score_tables)
 
 
-def test_standardized_scores_are_centred_and_scaled_over_the_label_mix():
+def test_centred_scores_are_centred_over_the_label_mix_and_keep_the_contrast():
     w, f = np.array([1.0, 2.0, 8.0]), np.array([10, 30, 60])
-    s = standardized_log_weights(w, f)
+    s = centred_log_weights(w, f)
     p = f / f.sum()
-    assert abs(np.dot(p, s)) < 1e-12 and abs(np.dot(p, s**2) - 1) < 1e-12
-    assert np.all(np.diff(s) > 0)
-    assert np.all(standardized_log_weights(np.full(4, 3.0), np.ones(4)) == 0)
+    assert abs(np.dot(p, s)) < 1e-12
+    np.testing.assert_allclose(np.diff(s), np.diff(np.log(w)))  # Not rescaled by the spread.
+    assert np.all(centred_log_weights(np.full(4, 3.0), np.ones(4)) == 0)
+
+
+def _keep_shares(memory: np.ndarray, tau: float, pools: int = 3000) -> np.ndarray:
+    """Share of kept candidates per value when pools of 8 (two of each value) keep 2."""
+    labels = np.repeat(np.arange(4), 2)
+    table = centred_log_weights(memory, np.ones(4))
+    kept = np.zeros(4)
+    for k in range(pools):
+        keep = gumbel_topk(table[labels], gumbel_noise((5, k), 8), 2, tau)
+        np.add.at(kept, labels[keep], 1)
+    return kept / kept.sum()
+
+
+def test_selection_strength_follows_the_memory_contrast():
+    # Near-equal memories select near uniformly (a standardised score would select hard).
+    near = _keep_shares(np.array([1.0, 1.0, 1.0, 1.0 + 1e-9]), tau=0.25)
+    assert np.all(np.abs(near - 0.25) < 0.03)
+    # Strength grows monotonically with the contrast of the memory.
+    shares = [_keep_shares(np.array([1.0, 1.0, 1.0, c]), tau=0.5)[3] for c in (1.0, 1.5, 3, 10, 50)]
+    assert np.all(np.diff(shares) > 0) and shares[0] < 0.3 and shares[-1] > 0.45
+    # Temperature sharpens the same memory.
+    mem = np.array([1.0, 1.0, 1.0, 3.0])
+    assert _keep_shares(mem, 2.0)[3] < _keep_shares(mem, 1.0)[3] < _keep_shares(mem, 0.25)[3]
 
 
 def test_score_tables_and_combination():
-    tables = score_tables([np.array([1.0, 4.0]), np.array([2.0, 1.0, 1.0])],
-                          [np.array([1, 1]), np.array([1, 1, 2])], np.array([0.25, 0.75]))
+    tables = score_tables([np.array([0.5, -0.5]), np.array([1.0, 0.0, -1.0])], np.array([0.25, 0.75]))
+    np.testing.assert_allclose(tables[0], [0.125, -0.125])
     ids = [np.array([0, 1, 1]), np.array([0, 0, 2])]
     expected = [tables[0][a] + tables[1][b] for a, b in zip(*ids)]
     np.testing.assert_allclose(combined_scores(tables, ids), expected)
@@ -134,10 +157,47 @@ def test_agent_score_and_update(mds_dir):
     ds = MADSDataset(local=mds_dir, batch_size=4, agents=['domain'])
     agent = ds.agents[0]
     assert np.all(agent.score(np.array([0, 1, 2, 3])) == 0)  # Uniform memory: no opinion.
-    mean = agent.update(np.array([0, 0, 1, 3]), np.array([1.0, 3.0, -1.0, 0.5]), lr=1.0,
-                        floor=0.05, cap=20.0)
-    assert mean[0] == 2.0 and mean[1] == -1.0 and np.isnan(mean[2]) and mean[3] == 0.5
+    memory = agent.update(np.array([2.0, -1.0, 0.0, 0.5]), lr=1.0, floor=0.05, cap=20.0)
+    assert memory is agent.memory
     s = agent.score(np.array([0, 1, 2, 3]))
-    assert s[0] > s[3] > s[2] > s[1]  # Value 2 kept its (relative) weight between 3 and 1.
+    assert s[0] > s[3] > s[2] > s[1]
+    np.testing.assert_allclose(np.diff(s), np.diff(np.log(memory)))
     freq = agent.freq / agent.freq.sum()
     assert abs(np.dot(freq, s)) < 1e-12
+    del ds
+
+
+class _Inverted(CategoricalAgent):
+    """A user's agent: prefers what the memory dislikes (its own score rule)."""
+
+    def score_table(self, memory=None):
+        return -super().score_table(memory)
+
+
+def test_dataset_selects_with_the_agents_own_score_table(mds_dir):
+    from streaming_mads import MADSDataset
+    ds = MADSDataset(local=mds_dir, batch_size=4, agents=[_Inverted('domain', 'domain')])
+    ds.publish(1, np.array([1.0]), [np.array([1.0, 1.0, 1.0, 50.0])])
+    assert ds.score_tables(ds.weights(1))[0].argmin() == 3  # The subclass' rule, not the default.
+    del ds
+
+
+@pytest.mark.parametrize('tau', [0.0, 0.5, 2.0])
+def test_simulated_keep_matches_the_loaders_selection(tau):
+    from streaming_mads.selection import repeat_penalized, simulate_keep
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 64 * 400)
+    table = np.array([2.0, 0.5, 0.0, -1.0])
+    kept = np.zeros(4)
+    for k in range(400):  # Pools of 64 keeping 16, as the dataset does.
+        lab = labels[64 * k:64 * (k + 1)]
+        np.add.at(kept, lab[gumbel_topk(table[lab], gumbel_noise((3, k), 64), 16, tau)], 1)
+    # From a uniform subset of 2048 of those candidates, as the console sees them.
+    sub = labels[rng.choice(len(labels), 2048, replace=False)]
+    sim = simulate_keep(table[sub], 64, 16, tau, (1, 2))
+    assert sim.sum() == 256 * 16
+    np.testing.assert_array_equal(sim, simulate_keep(table[sub], 64, 16, tau, (1, 2)))
+    predicted = np.bincount(sub, weights=sim, minlength=4) / sim.sum()
+    np.testing.assert_allclose(predicted, kept / kept.sum(), atol=0.03)
+    np.testing.assert_allclose(repeat_penalized(np.array([2.0, 1.0]), np.array([10.0, 0.0]), 0.1),
+                               [1.0, 1.0])

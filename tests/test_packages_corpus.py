@@ -1,0 +1,104 @@
+"""The packages corpus: deterministic, disjoint sets, a reference across domains, bounded size."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from streaming_mads.packages_corpus import DOMAINS, SHARES, build_packages_text
+
+CODE_BYTES = 60_000
+REFERENCE_BYTES = 15_000
+EVALUATION_BYTES = 18_000
+SMALL = dict(code_bytes=CODE_BYTES, reference_bytes=REFERENCE_BYTES,
+             evaluation_bytes=EVALUATION_BYTES)
+
+
+def tree(directory: str) -> dict[str, bytes]:
+    """Every file under ``directory``: relative path -> content."""
+    out = {}
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+def hashes(directory: str) -> set[str]:
+    return {hashlib.sha1(data).hexdigest() for data in tree(directory).values()}
+
+
+def sizes(directory: str) -> list[int]:
+    return [len(data) for data in tree(directory).values()]
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('packages') / 'text')
+    return out, build_packages_text(out, **SMALL)
+
+
+def test_two_builds_are_byte_identical(corpus, tmp_path):
+    out, _ = corpus
+    again = os.path.join(tmp_path, 'text')
+    build_packages_text(again, **SMALL)
+    assert tree(again) == tree(out)
+
+
+def test_reference_and_evaluation_are_disjoint_and_never_trained_on(corpus):
+    _, text = corpus
+    reference, evaluation = hashes(text.reference), hashes(text.evaluation)
+    assert reference and evaluation and not reference & evaluation
+    for domain in DOMAINS:
+        seen = hashes(text.train[domain]) | hashes(text.heldout[domain])
+        assert not seen & (reference | evaluation), domain
+
+
+def test_the_reference_is_not_one_domain(corpus):
+    _, text = corpus
+    for directory in (text.reference, text.evaluation):
+        domains = {name.split('__')[0] for name in os.listdir(directory)}
+        assert domains <= set(DOMAINS) - {'license', 'garbled'}
+        assert len(domains) >= 2, domains
+        # Its packages are a theme that every domain mixes with others.
+        packages = {name.split('__')[1] for name in os.listdir(directory)}
+        for domain in domains:
+            trained = {name.split('__')[0] for name in os.listdir(text.train[domain])}
+            assert len(trained - packages) > len(trained & packages), domain
+
+
+def test_sizes_stay_within_limits(corpus):
+    _, text = corpus
+    for domain in DOMAINS:
+        docs = sizes(text.train[domain]) + sizes(text.heldout[domain])
+        assert docs and text.heldout[domain] and sizes(text.heldout[domain]), domain
+        # The last document taken may overshoot the limit, no other.
+        assert sum(docs) - max(docs) < SHARES[domain] * 1.6 * CODE_BYTES, domain
+    for directory, limit in ((text.reference, REFERENCE_BYTES),
+                             (text.evaluation, EVALUATION_BYTES)):
+        docs = sizes(directory)
+        assert sum(docs) - 3 * max(docs) < limit  # One overshoot per domain.
+
+
+def test_prepared_packages_corpus_opens_as_a_mads_dataset(tmp_path):
+    from streaming_mads import MADSDataset
+    from streaming_mads.demo import prepare_data
+
+    paths = prepare_data(str(tmp_path), code_bytes=CODE_BYTES, seq_len=64, vocab_size=512,
+                         progress=False, corpus='packages')
+    assert set(paths['heldout']) == set(DOMAINS)
+    for directory in [paths['reference'], paths['evaluation'], *paths['heldout'].values()]:
+        assert os.path.isfile(os.path.join(directory, 'index.json')), directory
+    ds = MADSDataset(local=paths['data'], batch_size=4, pool_ratio=2, shuffle=False)
+    assert [a.name for a in ds.agents] == ['quality', 'domain', 'topic']
+    assert set(ds.agents[1].value_names) == set(DOMAINS)
+    assert ds[0]['tokens'].shape == (64,)
+    kept = [sample['tokens'] for _, sample in zip(range(8), ds)]
+    assert len(kept) == 8
+    del ds
+    with pytest.raises(ValueError, match='corpus'):
+        prepare_data(str(tmp_path / 'x'), code_bytes=1, seq_len=64, vocab_size=512,
+                     progress=False, corpus='other')
