@@ -247,7 +247,7 @@ class AgentConsole(Algorithm):
             options['micro_batch'] = micro
         options['autocast_dtype'] = _AUTOCAST.get(state.precision)
         size = min(options['micro_batch'] or len(reference), len(reference))
-        memory = influence_memory(state.model, self._make_batch(list(reference[:size])),
+        memory = influence_memory(state.model, self._make_batch([reference[i] for i in range(size)]),
                                   self.console.loss_fn, autocast_dtype=options['autocast_dtype'],
                                   checkpoint=options['checkpoint'])
         logger.log_hyperparameters({'mads/influence_reference_grad_bytes': memory.reference_gradient,
@@ -285,7 +285,8 @@ class AgentConsole(Algorithm):
             self.console.attach(dataset, prefetch_depth(dataloader), reference,
                                 int(per_epoch) if per_epoch is not None else None)
             logger.log_hyperparameters({f'mads/{k}': v for k, v in vars(self.config).items()})
-            self._configure_influence(state, reference, logger)
+            if self.console.needs_reference:  # The influence pass runs only with a reference.
+                self._configure_influence(state, reference, logger)
             if int(state.timestamp.batch_in_epoch) == 0:
                 self._resume_rng = None  # Composer restores the RNG itself at epoch starts.
             return

@@ -23,18 +23,25 @@ paper reports about 0.5 in tokens. Seeds vary the shuffle, selection and console
 a gap to full MADS is marked when it exceeds two standard errors of the per-seed ratios. Writes
 ``results.md``, ``results.json`` and ``results.png`` into ``--out``.
 
-Run: ``python benchmarks/data_efficiency.py [--seeds 3] [--budget 600ba] [--out runs/efficiency]``
-(default budget: about 45 minutes on 2 CPU cores). ``--data DIR --reference DIR --evaluation DIR``
-use any labelled MDS dataset, reference set and evaluation set instead of the demo corpus.
+The full run is both corpora, every default arm, 3 seeds, 250 batches each (about 30 minutes
+per corpus on 2 CPU cores)::
+
+    python benchmarks/data_efficiency.py --corpus demo --out runs/efficiency-demo
+    python benchmarks/data_efficiency.py --corpus packages --out runs/efficiency-packages
+
+``--data DIR --reference DIR --evaluation DIR`` use any labelled MDS dataset, reference set and
+evaluation set instead of an embedded corpus.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -55,14 +62,39 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         'algorithms={}', 'train_loader.dataset.temperature=1',
         'train_loader.dataset.agents=[{type: domain, init: balanced}]']),
     'odm': ('quickstart-cpu.yaml', [
-        'algorithms={domain_bandit: {update_interval: 30, probe_size: 48}}',
+        # EXP3 needs many rounds (its exploration ε_t = min(1/K, sqrt(ln K / (K t))) is still
+        # 0.2 after 8): updates every 5 batches on 16 probes, about MADS' console cost.
+        'algorithms={domain_bandit: {update_interval: 5, probe_size: 16}}',
         'train_loader.dataset.temperature=1', 'train_loader.dataset.agents=[domain]']),
     'fixed-theta': ('quickstart-cpu.yaml', ['algorithms.mads_console.lr_theta=0']),
     'mads': ('quickstart-cpu.yaml', []),
+    # Ablations of the console's rule (not in the default run): the other reward, no repeat
+    # penalty, and nearly no shrinkage of rarely probed values.
+    'mads-cosine': ('quickstart-cpu.yaml', ['algorithms.mads_console.reward=cosine']),
+    'mads-no-repeat': ('quickstart-cpu.yaml', ['algorithms.mads_console.repeat_penalty=0']),
+    'mads-no-shrink': ('quickstart-cpu.yaml', ['algorithms.mads_console.value_prior=0.001']),
 }
+DEFAULT_ARMS = [a for a in ARMS if not a.startswith('mads-')]
 
 
 COSTS = ('tokens', 'wall', 'flops')
+
+
+def _int_clock(run: dict[str, Any]) -> dict[str, Any]:
+    """A run read back from JSON, whose clock's batch numbers became strings."""
+    return {**run, 'clock': {int(b): t for b, t in run['clock'].items()}}
+
+
+def isolated_run(yaml_name: str, paths: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """:func:`train_run` in a fresh process: every arm starts from the same state (nothing a
+    previous arm left behind) and returns every dataset's shared memory and file handles when it
+    exits, whatever a long benchmark's run count. The processes come from a fork server that
+    imported the training stack once (cheap to start, and safe: a plain fork of a process with
+    threads running, as under pytest, can deadlock)."""
+    ctx = multiprocessing.get_context('forkserver')
+    ctx.set_forkserver_preload(['streaming_mads.demo'])
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=quiet) as pool:
+        return pool.submit(train_run, yaml_name, paths, overrides).result()
 
 
 def _console_key(overrides: list[str]) -> Optional[str]:
@@ -184,8 +216,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='runs/data-efficiency')
     parser.add_argument('--seeds', type=int, default=3)
-    parser.add_argument('--budget', default=None, help='max_duration of every arm, e.g. 600ba')
-    parser.add_argument('--arms', default=','.join(ARMS), help='comma-separated subset')
+    parser.add_argument('--budget', default='250ba', help='max_duration of every arm')
+    parser.add_argument('--arms', default=','.join(DEFAULT_ARMS),
+                        help=f'comma-separated, of {", ".join(ARMS)}')
     parser.add_argument('--data', help='labelled MDS dataset (default: build the demo corpus)')
     parser.add_argument('--reference', help='reference MDS set, steers the console (with --data)')
     parser.add_argument('--evaluation', help='evaluation MDS set, only measured (with --data)')
@@ -198,14 +231,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help='take the runs of --reuse-arms from an earlier results.json (arms '
                         'whose configuration did not change, e.g. uniform)')
     parser.add_argument('--reuse-arms', default='uniform')
+    parser.add_argument('--resume', action='store_true',
+                        help='keep the runs an interrupted benchmark saved in --out')
     parser.add_argument('--quick', action='store_true',
-                        help='smoke run: a small corpus, 1 seed, uniform and mads, 12 batches '
+                        help='smoke run: a small corpus, 1 seed, 12 batches, uniform and mads '
+                        '(unless --arms)'
                         '(checks the pipeline; its figures mean nothing)')
     args = parser.parse_args(argv)
     corpus = dict(code_bytes=1_200_000, seq_len=128, vocab_size=4096)
     if args.quick:
         corpus = dict(code_bytes=150_000, seq_len=64, vocab_size=512)
-        args.seeds, args.arms, args.budget = 1, 'uniform,mads', '12ba'
+        args.seeds, args.budget = 1, '12ba'
+        if args.arms == parser.get_default('arms'):
+            args.arms = 'uniform,mads'
         args.set = args.set + ['eval_interval=6ba', 'scheduler.t_warmup=1ba']
     quiet()
     start = time.perf_counter()
@@ -228,11 +266,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             earlier = json.load(f)['runs']
         for arm in args.reuse_arms.split(','):
             usable = [r for r in earlier.get(arm, []) if 'clock' in r and 'evaluation' in r['eval']]
+            usable = [_int_clock(r) for r in usable]
             if arm in runs and len(usable) >= args.seeds:
                 runs[arm] = usable[:args.seeds]
                 reused.add(arm)
+    partial = os.path.join(args.out, 'runs-partial.json')
+    if args.resume and os.path.isfile(partial):
+        with open(partial) as f:
+            for arm, done in json.load(f).items():
+                if arm in runs and arm not in reused:
+                    runs[arm] = [_int_clock(r) for r in done]
     for seed in range(args.seeds):
-        for arm in [a for a in arms if a not in reused]:
+        for arm in [a for a in arms if a not in reused and len(runs[a]) <= seed]:
             yaml_name, overrides = ARMS[arm]
             seeds = [f'seed={seed}', f'train_loader.dataset.shuffle_seed={seed}']
             if yaml_name == 'quickstart-cpu.yaml':
@@ -245,8 +290,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             overrides = overrides + seeds + args.set + \
                 ([f'max_duration={args.budget}'] if args.budget else [])
             t0 = time.perf_counter()
-            res = train_run(yaml_name, paths, overrides)
+            res = isolated_run(yaml_name, paths, overrides)
             runs[arm].append(res)
+            with open(partial, 'w') as f:  # A crash later loses nothing (--resume).
+                json.dump(runs, f)
             print(f'[data-efficiency] seed {seed} {arm:<15} eval loss '
                   f'{res["eval"]["evaluation"][1][-1]:.4f} ({time.perf_counter() - t0:.0f}s)',
                   flush=True)

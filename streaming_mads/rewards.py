@@ -78,7 +78,7 @@ def reward_signal(inner: NDArray, grad_norms: Optional[NDArray], kind: str) -> N
 
 
 def _ridge(design: NDArray, z: NDArray, penalty: float) -> NDArray[np.float64]:
-    """``argmin |z - X b|² + penalty |b|²`` (the normal equations are tiny: one row per value)."""
+    """``argmin |z - X b|² + penalty |b|²`` (the normal equations are tiny: one row per agent)."""
     gram = design.T @ design + penalty * np.eye(design.shape[1])
     return np.linalg.solve(gram, design.T @ z)
 

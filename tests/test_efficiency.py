@@ -40,8 +40,9 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
         import data_efficiency
     finally:
         sys.path.remove(BENCHMARKS)
-    summary = data_efficiency.main(['--quick', '--out', str(tmp_path)])
-    assert set(summary['arms']) == {'uniform', 'mads'} and summary['label'] == 'evaluation'
+    arms = ['uniform', 'stratified', 'odm', 'mads']
+    summary = data_efficiency.main(['--quick', '--arms', ','.join(arms), '--out', str(tmp_path)])
+    assert list(summary['arms']) == arms and summary['label'] == 'evaluation'
     with open(os.path.join(tmp_path, 'results.json')) as f:
         runs = json.load(f)['runs']
     assert runs['mads'][0]['batches'] == runs['uniform'][0]['batches'] == 12

@@ -77,6 +77,10 @@ def test_uniform_baseline_yaml_runs(corpus):
     ('algorithms.mads_console.update_interval=0', 'update_interval'),
     ('algorithms.mads_console.probe_sizee=3', "algorithms.mads_console: .*probe_sizee"),
     ('global_train_batch_size=null', 'global_train_batch_size'),
+    ('algorithms.bandit={}', 'mads_console and domain_bandit'),
+    ('algorithms.domain_bandit={update_interval: 5}', 'not both'),
+    ('algorithms={domain_bandit: {decay: 1.5}}', 'decay'),
+    ('algorithms.mads_console.reward=dot', 'reward'),
 ])
 def test_config_errors_name_the_key(corpus, override, match):
     with pytest.raises((ConfigError, ValueError), match=match):
