@@ -553,7 +553,8 @@ def _measure(n: int, res: dict[str, Any], units: NDArray[np.int64],
     for gb in np.unique(global_batch(EPOCH, batches, bpe)):
         memories = [mem_rng.uniform(0.2, 5.0, a.num_values) for a in agents]
         tables.setdefault(board.version_for_batch(int(gb)),
-                          score_tables(memories, [a.freq for a in agents], theta))
+                          score_tables([a.score_table(m) for a, m in zip(agents, memories)],
+                                       theta))
 
     def selection() -> dict[str, float]:
         return time_selection(store, agents, board, tables, pools, ranks, batches, bpe,
