@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from files import file_tree
 
 from streaming_mads.cli import main
 from streaming_mads.convert import ConvertError, Input, convert, parse_input, read_convert_info
@@ -30,16 +31,6 @@ def write_corpus(root):
     code = '\n\n'.join(f'def f{i}(x):\n    return x * {i} + 1' for i in range(10))
     (root / 'code.txt').write_text(code)
     return {'wiki': wiki, 'web': web, 'code': code}
-
-
-def _tree(path):
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, 'rb') as f:
-                out[os.path.relpath(full, path)] = f.read()
-    return out
 
 
 def _stream_tokens(path):
@@ -89,14 +80,14 @@ def test_convert_is_deterministic_and_needs_overwrite(tmp_path):
     kw = dict(seq_len=32, tokenizer='train', vocab_size=300, size_limit=1500, progress=False)
     convert(inputs, str(tmp_path / 'a'), **kw)
     convert(inputs, str(tmp_path / 'b'), **kw)
-    first = _tree(tmp_path / 'a')
-    assert first == _tree(tmp_path / 'b')
+    first = file_tree(tmp_path / 'a')
+    assert first == file_tree(tmp_path / 'b')
     assert 'tokenizer/tokenizer.json' in first
     with pytest.raises(ConvertError, match='--overwrite'):
         convert(inputs, str(tmp_path / 'a'), **kw)
     (tmp_path / 'a' / 'wiki' / 'extra').write_text('x')
     convert(inputs, str(tmp_path / 'a'), overwrite=True, **kw)
-    assert _tree(tmp_path / 'a') == first
+    assert file_tree(tmp_path / 'a') == first
     (tmp_path / 'notmine').mkdir()
     (tmp_path / 'notmine' / 'precious.txt').write_text('keep me')
     with pytest.raises(ConvertError, match='Refusing'):

@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+from files import file_tree
 
 from streaming_mads.packages_corpus import DOMAINS, SHARES, build_packages_text
 
@@ -16,23 +17,12 @@ SMALL = dict(code_bytes=CODE_BYTES, reference_bytes=REFERENCE_BYTES,
              evaluation_bytes=EVALUATION_BYTES)
 
 
-def tree(directory: str) -> dict[str, bytes]:
-    """Every file under ``directory``: relative path -> content."""
-    out = {}
-    for dirpath, _, filenames in os.walk(directory):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, 'rb') as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
-
-
 def hashes(directory: str) -> set[str]:
-    return {hashlib.sha1(data).hexdigest() for data in tree(directory).values()}
+    return {hashlib.sha1(data).hexdigest() for data in file_tree(directory).values()}
 
 
 def sizes(directory: str) -> list[int]:
-    return [len(data) for data in tree(directory).values()]
+    return [len(data) for data in file_tree(directory).values()]
 
 
 @pytest.fixture(scope='module')
@@ -45,7 +35,7 @@ def test_two_builds_are_byte_identical(corpus, tmp_path):
     out, _ = corpus
     again = os.path.join(tmp_path, 'text')
     build_packages_text(again, **SMALL)
-    assert tree(again) == tree(out)
+    assert file_tree(again) == file_tree(out)
 
 
 def test_reference_and_evaluation_are_disjoint_and_never_trained_on(corpus):
