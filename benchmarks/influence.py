@@ -29,6 +29,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor, nn
 
+from streaming_mads.collate import IGNORE_INDEX
 from streaming_mads.influence import (causal_lm_per_sample_loss, per_sample_influence,
                                       reference_gradient)
 
@@ -46,7 +47,7 @@ def make_batch(num: int, args: argparse.Namespace, gen: torch.Generator) -> Dict
     lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (num,), generator=gen)
     mask = (torch.arange(args.seq_len)[None] < lengths[:, None]).long()
     return {'input_ids': input_ids, 'attention_mask': mask,
-            'labels': input_ids.masked_fill(mask == 0, -100)}
+            'labels': input_ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
 
 def brute_force(model: nn.Module, batch: Dict[str, Tensor], grads: Dict[nn.Parameter, Tensor]) -> Tensor:

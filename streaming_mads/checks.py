@@ -32,7 +32,7 @@ from streaming_mads.convert import (CONVERT_INFO_NAME, ConvertError, find_conver
 
 __all__ = ['TokenizerMismatchError', 'TokenizerInfo', 'convert_info', 'stream_convert_info',
            'tokenizer_info', 'spec_tokenizer_info', 'model_vocab_size', 'check_tokenizers', 'check_token_ids',
-           'check_run', 'REMOTE_CONVERT_DIRNAME']
+           'check_run', 'dataset_streams', 'REMOTE_CONVERT_DIRNAME']
 
 #: Where a remote stream's ``mads_convert.json`` (and its tokenizer) is cached, inside the
 #: stream's local split directory, so it never lands outside what the user gave as ``local``.
@@ -265,7 +265,18 @@ def check_token_ids(samples: Sequence[dict], model_vocab: Optional[int], where: 
             f'least {top + 1}.')
 
 
-def _streams(dataset: Any) -> list[Any]:
+def dataset_streams(dataset: Any) -> list[Any]:
+    """The ``Stream`` objects of a built dataset (none for a dataset without streams).
+
+    Not :func:`streaming_mads.foundry.streams_from_config`: this reads a dataset already built, that
+    builds streams from a config.
+
+    Args:
+        dataset (Any): A ``StreamingDataset`` (or anything else).
+
+    Returns:
+        list[Any]: Its streams.
+    """
     return list(getattr(dataset, 'streams', None) or [])
 
 
@@ -280,7 +291,8 @@ def check_run(model: Any, train_dataset: Any, eval_datasets: dict[str, Any],
         eval_datasets (dict[str, Any]): Eval datasets by label.
         reference (TokenizerInfo, optional): The reference set's tokenizer, if known.
     """
-    infos = [tokenizer_info(convert_info(_streams(train_dataset)), 'training data'), reference]
+    infos = [tokenizer_info(convert_info(dataset_streams(train_dataset)), 'training data'),
+             reference]
     for label, dataset in eval_datasets.items():
-        infos.append(tokenizer_info(convert_info(_streams(dataset)), f'eval set {label!r}'))
+        infos.append(tokenizer_info(convert_info(dataset_streams(dataset)), f'eval set {label!r}'))
     check_tokenizers(infos, model_vocab_size(model))

@@ -7,15 +7,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ['TokenCollator']
+__all__ = ['TokenCollator', 'IGNORE_INDEX']
+
+IGNORE_INDEX = -100
+"""Label of tokens left out of the loss (padding, prompts): PyTorch's and Hugging Face's default."""
 
 
 class TokenCollator:
     """Collate ``{'tokens': int array}`` samples into ``input_ids``/``labels``/``attention_mask``.
 
     Fixed-length samples (``mads convert``'s concatenate-and-chunk output) stack directly;
-    shorter ones are right-padded with ``pad_id`` and their padding is masked and labelled -100,
-    so the same collator serves training, probes and the reference set.
+    shorter ones are right-padded with ``pad_id`` and their padding is masked and labelled
+    :data:`IGNORE_INDEX` (-100), so the same collator serves training, probes and the reference set.
 
     Args:
         column (str): Sample column holding token ids. Defaults to ``'tokens'``.
@@ -38,5 +41,5 @@ class TokenCollator:
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.from_numpy(s)
             mask[i, :len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {'input_ids': ids, 'attention_mask': mask, 'labels': labels}

@@ -34,11 +34,9 @@ import torch
 from composer.core import DataSpec
 from torch.utils.data import DataLoader
 
-from streaming_mads.collate import TokenCollator
+from streaming_mads.collate import IGNORE_INDEX, TokenCollator
 
 __all__ = ['build_mads_dataloader', 'TextCollator', 'count_tokens', 'FOUNDRY_TEXT_KEYS']
-
-IGNORE_INDEX = -100
 
 # Keys of llm-foundry's ``text`` dataset config that are not StreamingDataset arguments; they are
 # accepted (so a ``text`` YAML switches to ``mads`` by changing its name) and used or ignored here.
@@ -133,8 +131,25 @@ def _batch_size(device_batch_size: Union[int, float]) -> int:
     return int(device_batch_size)
 
 
-def _streams(streams: Any) -> Optional[list[Any]]:
-    """llm-foundry's ``streams: {name: {remote, local, ...}}`` (or a list) as Stream objects."""
+def streams_from_config(streams: Any,
+                        where: str = 'train_loader.dataset.streams') -> Optional[list[Any]]:
+    """llm-foundry's ``streams: {name: {remote, local, ...}}`` (or a list) as Stream objects.
+
+    Used by this dataloader and by ``mads train`` (:mod:`streaming_mads.train`), whose YAML has the
+    same ``streams`` section.
+
+    Args:
+        streams (Any): A mapping of stream names to ``Stream`` arguments, a list of such argument
+            mappings, or ``None``. ``Stream`` objects among them are kept as they are.
+        where (str): The config key, named in errors. Defaults to
+            ``'train_loader.dataset.streams'``.
+
+    Returns:
+        list[Stream], optional: The streams, or ``None`` for ``None``.
+
+    Raises:
+        ValueError: For any other type, or arguments ``Stream`` refuses (naming the stream).
+    """
     from streaming import Stream
     if streams is None:
         return None
@@ -143,8 +158,8 @@ def _streams(streams: Any) -> Optional[list[Any]]:
     elif isinstance(streams, (list, tuple)):
         items = [(str(i), spec) for i, spec in enumerate(streams)]
     else:
-        raise ValueError('train_loader.dataset.streams must map stream names to {remote, local, '
-                         'split, proportion, repeat, choose}.')
+        raise ValueError(f'{where} must map stream names to {{remote, local, split, proportion, '
+                         'repeat, choose}.')
     out = []
     for name, spec in items:
         if isinstance(spec, Stream):
@@ -152,8 +167,8 @@ def _streams(streams: Any) -> Optional[list[Any]]:
             continue
         try:
             out.append(Stream(**dict(spec or {})))
-        except TypeError as err:
-            raise ValueError(f'train_loader.dataset.streams.{name}: {err}') from err
+        except (TypeError, ValueError) as err:
+            raise ValueError(f'{where}.{name}: {err}') from err
     return out
 
 
@@ -239,7 +254,7 @@ def build_mads_dataloader(tokenizer: Any = None,
     for key in FOUNDRY_TEXT_KEYS:
         cfg.pop(key, None)
     if 'streams' in cfg:
-        cfg['streams'] = _streams(cfg['streams'])
+        cfg['streams'] = streams_from_config(cfg['streams'])
     try:
         mads = MADSDataset(batch_size=batch_size, **cfg)
     except TypeError as err:

@@ -94,6 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streaming_mads.collate import IGNORE_INDEX
+
 __all__ = [
     'InfluenceError', 'PerSampleLoss', 'ReferenceGradient', 'covered_parameters',
     'causal_lm_per_sample_loss', 'reference_gradient', 'per_sample_influence', 'compute_influence',
@@ -105,8 +107,6 @@ PerSampleLoss = Callable[[nn.Module, Any], Tensor]
 
 ReferenceGradient = Dict[nn.Parameter, Tensor]
 """Covered parameter -> gradient of the reference loss (detached, same shape as the parameter)."""
-
-IGNORE_INDEX = -100
 
 _LINEAR = 'linear'
 _CONV1D = 'conv1d'

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 __all__ = [
     'LABELS_DIRNAME', 'MANIFEST_NAME', 'LabelError', 'LabelColumn', 'ColumnInfo', 'StreamLabels',
     'LabelStore', 'categorical', 'score', 'write_labels', 'index_fingerprint', 'labels_dir',
-    'shard_hashes', 'CONTENT_HASH'
+    'shard_hashes', 'CONTENT_HASH', 'atomic_save_npy', 'atomic_save_npz'
 ]
 
 LABELS_DIRNAME = 'mads'
@@ -147,9 +147,30 @@ def _id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32)
 
 
-def _atomic_save(path: str, arr: NDArray) -> None:
+def atomic_save_npy(path: str, arr: NDArray) -> None:
+    """Save ``arr`` as a ``.npy`` file at ``path`` without ever leaving a partial file there.
+
+    The array is written to a uniquely named temporary file beside ``path`` and renamed into place,
+    so readers (and an interrupted run resuming) see either the old file or the whole new one.
+
+    Args:
+        path (str): Destination file.
+        arr (NDArray): The array (no pickled objects).
+    """
     tmp = f'{path}.{uuid.uuid4().hex}.tmp.npy'
     np.save(tmp, arr, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def atomic_save_npz(path: str, **arrays: Any) -> None:
+    """Save ``arrays`` as one uncompressed ``.npz`` file at ``path``, like :func:`atomic_save_npy`.
+
+    Args:
+        path (str): Destination file.
+        **arrays (Any): The arrays, by name.
+    """
+    tmp = f'{path}.{uuid.uuid4().hex}.tmp.npz'
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -220,7 +241,7 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
                          max=float(stored.max()) if len(stored) else 0.0)
         entry['dtype'] = stored.dtype.name
         path = os.path.join(out_dir, entry['file'])
-        _atomic_save(path, stored)
+        atomic_save_npy(path, stored)
         entry['checksum'] = f'{CONTENT_HASH}:{file_hash(path)}'
         manifest['columns'][name] = entry
     tmp = f'{manifest_path}.{uuid.uuid4().hex}.tmp'

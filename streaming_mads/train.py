@@ -105,8 +105,8 @@ def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: A
     tok = _section(cfg, 'tokenizer')
     if 'vocab_size' in tok:
         return int(tok['vocab_size'])
-    from streaming_mads.checks import convert_info
-    found = convert_info(getattr(train_dataset, 'streams', None) or [])
+    from streaming_mads.checks import convert_info, dataset_streams
+    found = convert_info(dataset_streams(train_dataset))
     if found is not None:
         record = found[1]
         size = (record.get('tokenizer') or {}).get('vocab_size') or record.get('vocab_size')
@@ -118,17 +118,19 @@ def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: A
 
 
 def _streams(dataset: dict[str, Any]) -> dict[str, Any]:
-    from streaming import Stream
+    """``dataset`` with its ``streams`` built by :func:`streaming_mads.foundry.streams_from_config`;
+    unlike there, a list is refused (a run YAML names its streams) and errors are ConfigErrors."""
+    from streaming_mads.foundry import streams_from_config
     streams = dataset.pop('streams', None)
     if streams is None:
         return dataset
     if not isinstance(streams, dict):
         raise ConfigError('train_loader.dataset.streams must map stream names to '
                           '{remote, local, split, proportion, repeat, choose}.')
-    dataset['streams'] = [
-        _call(f'train_loader.dataset.streams.{name}', Stream, dict(spec or {}))
-        for name, spec in streams.items()
-    ]
+    try:
+        dataset['streams'] = streams_from_config(streams)
+    except ValueError as err:  # Bad values and unknown keys, named by stream.
+        raise ConfigError(str(err)) from err
     return dataset
 
 

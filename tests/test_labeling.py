@@ -171,7 +171,7 @@ def test_label_is_idempotent_and_resumes(corpus, tmp_path, monkeypatch):
     assert _sidecar(a) == first  # Re-running gives the same bytes.
 
     # Interrupt b after a few shards of pass 1 (inline, so the patch applies).
-    real = labeling._run_score
+    real = labeling.run_score
     calls = []
 
     def flaky(job):
@@ -180,20 +180,20 @@ def test_label_is_idempotent_and_resumes(corpus, tmp_path, monkeypatch):
         calls.append(job)
         return real(job)
 
-    monkeypatch.setattr(labeling, '_run_score', flaky)
+    monkeypatch.setattr(labeling, 'run_score', flaky)
     with pytest.raises(KeyboardInterrupt):
         label_dataset(str(b), topics=3, workers=1, progress=False)
-    monkeypatch.setattr(labeling, '_run_score', real)
+    monkeypatch.setattr(labeling, 'run_score', real)
     works = [os.path.join(b, d, 'mads', '.work') for d in ('cooking', 'science', 'spam')]
     assert sum(len([f for f in os.listdir(w) if f.startswith('score-')]) for w in works) == 4
     assert not os.path.exists(os.path.join(b, 'cooking', 'mads', 'manifest.json'))
 
     # Interrupt again in pass 2.
-    real_topic = labeling._run_topic
-    monkeypatch.setattr(labeling, '_run_topic', lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_topic = labeling.run_topic
+    monkeypatch.setattr(labeling, 'run_topic', lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         label_dataset(str(b), topics=3, workers=1, progress=False)
-    monkeypatch.setattr(labeling, '_run_topic', real_topic)
+    monkeypatch.setattr(labeling, 'run_topic', real_topic)
 
     report = label_dataset(str(b), topics=3, workers=2, progress=False)
     total_shards = sum(s['shards'] for s in report.streams)

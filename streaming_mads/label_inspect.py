@@ -1,0 +1,114 @@
+"""``mads inspect``: what the labels of a dataset say, as text tables.
+
+Inspecting only reads labels (fetching a remote's current ones first); it shares stream discovery
+with ``mads label`` but nothing of the labelling, so it is kept apart from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from streaming_mads.label_streams import RemoteStream, discover_streams, join_path, try_download
+from streaming_mads.label_work import TOPICS_DIRNAME
+from streaming_mads.labels import (LABELS_DIRNAME, MANIFEST_NAME, StreamLabels, fetch_labels,
+                                   labels_dir)
+
+__all__ = ['inspect_dataset']
+
+
+def inspect_dataset(dataset: str, local: Optional[str] = None, split: Optional[str] = None) -> str:
+    """Label distributions per column and per stream, as text tables.
+
+    Raises :class:`~streaming_mads.labels.LabelError` (naming the fix) for missing or stale labels.
+
+    Args:
+        dataset (str): Local directory or remote URL, as for ``mads label``.
+        local (str, optional): Local cache of a remote dataset. Defaults to ``None``.
+        split (str, optional): Split subdirectory of each stream. Defaults to ``None``.
+
+    Returns:
+        str: The tables (and the topics' top terms, if topics were labelled).
+    """
+    streams, _, _ = discover_streams(dataset, local, split)
+    opened = []
+    for s in streams:
+        if s.remote is not None:  # Fetch the remote's current labels, not a stale cache.
+            ldir = labels_dir(s.local)
+            if os.path.isdir(ldir):
+                for name in os.listdir(ldir):
+                    if name == MANIFEST_NAME or name.endswith('.npy'):
+                        os.remove(os.path.join(ldir, name))
+            fetch_labels(RemoteStream(s))
+            try_download(join_path(s.remote, LABELS_DIRNAME, TOPICS_DIRNAME, 'topics.json'),
+                         os.path.join(ldir, TOPICS_DIRNAME, 'topics.json'), fresh=True)
+        opened.append(StreamLabels(s.local, s.num_samples, s.name))
+    names = list(dict.fromkeys(c for lab in opened for c in lab.columns))
+    for lab in opened:  # Checks every column file (checksum, length, ids) before any statistic.
+        for col in lab.columns:
+            lab.array(col)
+    out = []
+    total = sum(s.num_samples for s in streams)
+    out.append(f'{dataset}: {len(streams)} stream(s), {total} samples')
+    for col in names:
+        kinds = {lab.columns[col]['kind'] for lab in opened if col in lab.columns}
+        kind = kinds.pop() if len(kinds) == 1 else 'mixed'
+        out.append('')
+        out.append(f'{col} ({kind})')
+        headers = ['value'] + [s.name for s in streams] + (['all'] if len(streams) > 1 else [])
+        rows: list[list[str]] = []
+        if kind == 'categorical':
+            values = list(dict.fromkeys(v for lab in opened if col in lab.columns
+                                        for v in lab.columns[col]['values']))
+            table = np.zeros((len(values), len(streams)), np.int64)
+            for si, lab in enumerate(opened):
+                if col in lab.columns:
+                    for v, c in zip(lab.columns[col]['values'], lab.columns[col]['counts']):
+                        table[values.index(v), si] = c
+            bins = values
+        else:
+            arrays = [np.asarray(lab.array(col), np.float64) if col in lab.columns else np.zeros(0)
+                      for lab in opened]
+            lo = min((a.min() for a in arrays if len(a)), default=0.0)
+            hi = max((a.max() for a in arrays if len(a)), default=0.0)
+            if lo >= 0 and hi <= 5:  # The 0-5 quality convention: one bin per point.
+                full = np.arange(6, dtype=np.float64)
+            else:
+                full = np.linspace(lo, hi, 6)
+            edges = full[1:-1]
+            bins = [f'[{full[i]:.3g}, {full[i + 1]:.3g}{"]" if i == len(full) - 2 else ")"}'
+                    for i in range(len(full) - 1)]
+            table = np.stack([np.bincount(np.searchsorted(edges, a, side='right'), minlength=len(bins))
+                              for a in arrays], 1)
+            for stat, fn in (('mean', np.mean), ('min', np.min), ('max', np.max)):
+                rows.append([stat] + [f'{fn(a):.3f}' if len(a) else '-' for a in arrays] +
+                            ([f'{fn(np.concatenate(arrays)):.3f}'] if len(streams) > 1 else []))
+        sums = table.sum(0)
+        body = []
+        for i, b in enumerate(bins):
+            cells = [f'{table[i, j]} {100.0 * table[i, j] / max(sums[j], 1):5.1f}%'
+                     for j in range(len(streams))]
+            if len(streams) > 1:
+                cells.append(f'{table[i].sum()} {100.0 * table[i].sum() / max(sums.sum(), 1):5.1f}%')
+            body.append([str(b)] + cells)
+        out.append(_format_table(headers, body + rows))
+    topics_json = os.path.join(labels_dir(streams[0].local), TOPICS_DIRNAME, 'topics.json')
+    if 'topic' in names and os.path.isfile(topics_json):
+        with open(topics_json, encoding='utf-8') as f:
+            meta = json.load(f)
+        out.append('')
+        out.append(f'topics ({meta["embedder"]["kind"]} embeddings, fitted on '
+                   f'{meta.get("fit_samples", "?")} samples): top terms')
+        for name in meta.get('values', []):
+            out.append(f'  {name}: {" ".join(meta.get("top_terms", {}).get(name, []))}')
+    return '\n'.join(out)
+
+
+def _format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+    fmt = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return '\n'.join([fmt(headers), '-' * len(fmt(headers))] + [fmt(r) for r in rows])

@@ -1,0 +1,290 @@
+"""The per-shard work of ``mads label``, run in worker processes, and the pool that runs it.
+
+Each shard of each pass is one job: a small frozen dataclass (picklable, so it can cross into a
+worker) and a function that reads the shard, computes its part of the labels and saves it under
+the work directory with an atomic rename, so a finished shard is never redone after an
+interruption. The jobs know nothing of the run as a whole; :mod:`streaming_mads.labeling` decides
+which shards need which job and merges their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from streaming_mads.convert import CONVERT_INFO_NAME
+from streaming_mads.label_streams import LabelingError, StreamRef, load_shard
+from streaming_mads.labels import atomic_save_npy, atomic_save_npz
+from streaming_mads.quality import load_scorer, score_texts
+from streaming_mads.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
+from streaming_mads.topics import TermRows, TopicModel, term_rows
+
+__all__ = ['TextSpec', 'text_spec', 'ShardJob', 'ScoreJob', 'run_score', 'TopicJob', 'run_topic',
+           'JobPool', 'run_jobs']
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Where a sample's text comes from: a ``str`` column, or a token column plus tokenizer."""
+    column: str
+    tokens: bool
+    tokenizer: Optional[tuple[str, str]] = None  # (json record or spec, base dir)
+
+
+def text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_column: Optional[str],
+              tokenizer: Optional[str]) -> TextSpec:
+    """Decide, in the main process, which column of ``ref`` holds its text and how to decode it.
+
+    Args:
+        ref (StreamRef): The stream.
+        info (dict[str, Any], optional): The dataset's ``mads_convert.json`` record, if any.
+        root (str): Local dataset root (the tokenizer ``mads convert`` saved is found below it).
+        text_column (str, optional): Column asked for; defaults to ``text``, else ``tokens``.
+        tokenizer (str, optional): Tokenizer asked for; defaults to the one ``mads convert``
+            recorded.
+
+    Returns:
+        TextSpec: What the worker jobs decode.
+    """
+    shard = ref.index['shards'][0] if ref.index['shards'] else None
+    if shard is None:
+        raise LabelingError(f'Stream {ref.name} has no shards.')
+    encodings = dict(zip(shard['column_names'], shard['column_encodings']))
+    cols = ', '.join(f'{k} ({v})' for k, v in encodings.items())
+    if text_column is not None:
+        if text_column not in encodings:
+            raise LabelingError(f'Stream {ref.name} has no column {text_column!r} (columns: {cols}).')
+        col = text_column
+    elif 'text' in encodings:
+        col = 'text'
+    elif 'tokens' in encodings:
+        col = 'tokens'
+    else:
+        raise LabelingError(f'Stream {ref.name} has no "text" or "tokens" column (columns: {cols}): '
+                            'pass the column holding the text or token ids as --text-column.')
+    enc = encodings[col]
+    if enc == 'str':
+        return TextSpec(col, False)
+    if not enc.startswith('ndarray'):
+        raise LabelingError(f'Column {col!r} of stream {ref.name} is {enc!r}: mads label reads '
+                            'text from a "str" column or token ids from an "ndarray" column.')
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)  # Fail early, in the main process.
+        spec = tokenizer if tokenizer == 'bytes' else os.path.abspath(tokenizer)
+        return TextSpec(col, True, (spec, ''))
+    record = (info or {}).get('tokenizer')
+    if not record:
+        raise LabelingError(f'Stream {ref.name} holds token ids but no tokenizer is known (no '
+                            f'{CONVERT_INFO_NAME} with one): pass the tokenizer that encoded it as '
+                            '--tokenizer (a path, or "bytes").')
+    tokenizer_from_record(record, root)
+    return TextSpec(col, True, (json.dumps(record, sort_keys=True), os.path.abspath(root)))
+
+
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}  # Loaded once per worker process.
+_MODELS: dict[str, TopicModel] = {}
+
+
+def _tokenizer(spec: tuple[str, str]) -> Tokenizer:
+    if spec not in _TOKENIZERS:
+        what, base = spec
+        if what.startswith('{'):
+            _TOKENIZERS[spec] = tokenizer_from_record(json.loads(what), base)
+        else:
+            _TOKENIZERS[spec] = load_tokenizer(what)
+    return _TOKENIZERS[spec]
+
+
+def _segments(samples: list[dict[str, Any]], text: TextSpec) -> list[list[str]]:
+    """Text pieces of each sample: its documents (split at EOS) or its one text."""
+    if not text.tokens:
+        return [[str(s[text.column])] for s in samples]
+    assert text.tokenizer is not None
+    tok = _tokenizer(text.tokenizer)
+    return [tok.decode_segments(np.asarray(s[text.column]).reshape(-1)) for s in samples]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of one stream, and where its samples' text comes from (what every job reads)."""
+    name: str
+    local: str
+    remote: Optional[str]
+    shard: dict[str, Any]
+    text: TextSpec
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The shard's samples, decoded (see :func:`~streaming_mads.label_streams.load_shard`)."""
+        return load_shard(self.local, self.remote, self.shard, self.name)
+
+
+@dataclass(frozen=True)
+class ScoreJob(ShardJob):
+    """Pass 1 of one shard."""
+    domain_column: Optional[str]
+    quality: Optional[str]  # scorer spec, or None when not labelling quality
+    terms: bool  # count document frequencies and keep subsample term rows
+    fit_rows: tuple[int, ...]  # local sample ids of the topic-fit subsample
+    embedder: Optional[str]  # JSON record of a transformer embedder for the fit rows
+    num_threads: int
+    out: str
+
+
+def run_score(job: ScoreJob) -> int:
+    """Pass 1 of one shard: quality, domain ids and term statistics, saved to ``job.out``.
+
+    Args:
+        job (ScoreJob): The shard and what to compute.
+
+    Returns:
+        int: Samples done (for the progress bar).
+    """
+    samples = job.samples()
+    needs_text = job.quality is not None or job.terms or job.embedder
+    segs = _segments(samples, job.text) if needs_text else []
+    arrays: dict[str, Any] = {'n': np.int64(len(samples))}
+    if job.quality is not None:
+        flat = [t for s in segs for t in s]
+        scores = score_texts(load_scorer(job.quality), flat, job.quality).astype(np.float64)
+        weights = np.asarray([max(len(t), 1) for t in flat], np.float64)
+        owner = np.repeat(np.arange(len(segs)), [len(s) for s in segs])
+        num = np.bincount(owner, weights=scores * weights, minlength=len(segs))
+        den = np.bincount(owner, weights=weights, minlength=len(segs))
+        arrays['quality'] = (num / np.maximum(den, 1e-12)).astype(np.float32)
+    if job.domain_column is not None:  # As ids into a per-shard vocabulary: small in memory.
+        values = np.asarray([_as_str(s[job.domain_column]) for s in samples], dtype=str)
+        vocab, ids = np.unique(values, return_inverse=True)
+        arrays.update(domain_vocab=vocab, domain_ids=ids.astype(np.int32))
+    if job.terms or job.embedder:
+        texts = ['\n\n'.join(s) for s in segs]
+        fit = list(job.fit_rows)
+        if job.terms:
+            rows = term_rows(texts)
+            uniq, counts = np.unique(rows.buckets, return_counts=True)  # buckets are unique per row
+            arrays.update(df_buckets=uniq, df_counts=counts.astype(np.int64))
+            sub = _subset(rows, fit)
+            names = sorted(sub.names.items())
+            arrays.update(fit_indptr=sub.indptr, fit_buckets=sub.buckets, fit_counts=sub.counts,
+                          name_buckets=np.asarray([b for b, _ in names], np.int64),
+                          name_words=np.asarray([w for _, w in names], dtype=str))
+        if job.embedder:
+            if job.embedder not in _MODELS:  # Loaded once per worker process.
+                _MODELS[job.embedder] = TopicModel(json.loads(job.embedder), np.zeros((1, 1)))
+            arrays['fit_emb'] = _MODELS[job.embedder].embed([texts[i] for i in fit], job.num_threads)
+    atomic_save_npz(job.out, **arrays)
+    return len(samples)
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode('utf-8', errors='replace')
+    return str(value)
+
+
+def _subset(rows: TermRows, idx: list[int]) -> TermRows:
+    indptr = [0]
+    buckets, counts = [], []
+    for i in idx:
+        a, b = rows.indptr[i], rows.indptr[i + 1]
+        buckets.append(rows.buckets[a:b])
+        counts.append(rows.counts[a:b])
+        indptr.append(indptr[-1] + b - a)
+    bk = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
+    names = {int(b): rows.names[int(b)] for b in np.unique(bk)}
+    return TermRows(np.asarray(indptr, np.int64), bk,
+                    np.concatenate(counts) if counts else np.zeros(0, np.float32), names)
+
+
+@dataclass(frozen=True)
+class TopicJob(ShardJob):
+    """Pass 2 of one shard."""
+    model_dir: str
+    model_key: str
+    num_threads: int
+    out: str
+
+
+def run_topic(job: TopicJob) -> int:
+    """Pass 2 of one shard: each sample's nearest topic, saved to ``job.out`` as int32 ids.
+
+    Args:
+        job (TopicJob): The shard and the saved topic model to assign with.
+
+    Returns:
+        int: Samples done (for the progress bar).
+    """
+    samples = job.samples()
+    texts = ['\n\n'.join(s) for s in _segments(samples, job.text)]
+    if job.model_key not in _MODELS:
+        _MODELS[job.model_key] = TopicModel.load(job.model_dir)
+    ids = _MODELS[job.model_key].assign(texts, job.num_threads)
+    atomic_save_npy(job.out, ids.astype(np.int32))
+    return len(samples)
+
+
+class JobPool:
+    """A process pool started on first use and shared by both passes (workers load models once).
+
+    Args:
+        workers (int): Worker processes; with one, jobs run inline.
+        mp_context (str, optional): Multiprocessing start method.
+    """
+
+    def __init__(self, workers: int, mp_context: Optional[str]) -> None:
+        self.workers = workers
+        self.mp_context = mp_context
+        self.pool: Optional[ProcessPoolExecutor] = None
+
+    def get(self) -> ProcessPoolExecutor:
+        """The executor, started now if it is not yet."""
+        if self.pool is None:
+            import multiprocessing as mp
+            os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+            self.pool = ProcessPoolExecutor(max_workers=self.workers,
+                                            mp_context=mp.get_context(self.mp_context))
+        return self.pool
+
+    def close(self) -> None:
+        """Stop the workers (cancelling jobs not started), if any were started."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def run_jobs(fn: Callable[[Any], int], jobs: list[Any], pool: JobPool, desc: str, total: int,
+             progress: Optional[bool]) -> None:
+    """Run ``fn`` over ``jobs`` in the pool (inline for one worker or one job), with a bar.
+
+    The first failure (or an interrupt) cancels the jobs not yet started and is raised.
+
+    Args:
+        fn (Callable[[Any], int]): :func:`run_score` or :func:`run_topic` (samples done per job).
+        jobs (list[Any]): The jobs.
+        pool (JobPool): Where to run them.
+        desc (str): Progress bar label.
+        total (int): Samples over all jobs.
+        progress (bool, optional): Show the bar; ``None`` shows it on a terminal.
+    """
+    from tqdm import tqdm
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    with tqdm(total=total, desc=desc, unit='sample', disable=disable, leave=False) as bar:
+        if pool.workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(fn(job))
+            return
+        pending: set[Future] = {pool.get().submit(fn, job) for job in jobs}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    bar.update(fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise

@@ -1,0 +1,325 @@
+"""Where ``mads label`` and ``mads inspect`` find a dataset's streams and read their shards.
+
+Both commands take the same kinds of dataset (a ``mads convert`` output, one MDS stream, a tree of
+streams, or any of these behind a Streaming remote), so finding the streams, copying a remote's
+indexes and shards into the local cache, and reading a shard back (checked against the hash its
+``index.json`` records) live here, apart from what is done with the samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from streaming_mads.convert import CONVERT_INFO_NAME, read_convert_info
+from streaming_mads.labels import LABELS_DIRNAME
+from streaming_mads.tokenizer import TOKENIZER_DIRNAME
+
+__all__ = [
+    'LabelingError', 'StreamRef', 'discover_streams', 'is_url', 'join_path', 'download',
+    'try_download', 'read_index', 'load_shard', 'RemoteStream'
+]
+
+
+class LabelingError(ValueError):
+    """A dataset cannot be labelled as asked; the message says what to change."""
+
+
+@dataclass
+class StreamRef:
+    """One stream to label.
+
+    Args:
+        name (str): The stream's name (its domain when domains come from streams).
+        local (str): Local directory holding its ``index.json`` (``<local>/<split>``).
+        remote (str, optional): Remote directory of the same, or ``None`` for a local dataset.
+    """
+    name: str
+    local: str
+    remote: Optional[str] = None
+    index: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(s['samples'] for s in self.index['shards']))
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``s3://``, ``gs://``, ...) rather than a local path.
+
+    Args:
+        path (str): A local path or remote URL.
+
+    Returns:
+        bool: ``True`` for a scheme longer than one letter (so ``C:\\...`` stays a path).
+    """
+    scheme = urllib.parse.urlparse(path).scheme
+    return len(scheme) > 1
+
+
+def join_path(base: str, *parts: str) -> str:
+    """``base`` joined with the non-empty ``parts``: with ``/`` for a URL, ``os.path.join`` else.
+
+    Args:
+        base (str): A local directory or remote URL.
+        *parts (str): Path components; empty ones are skipped.
+
+    Returns:
+        str: The joined path.
+    """
+    parts = tuple(p for p in parts if p)
+    if is_url(base):
+        return '/'.join([base.rstrip('/'), *[p.strip('/') for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def download(remote: str, local: str, fresh: bool = False) -> None:
+    """Copy one file from any Streaming remote (or local path) to ``local``.
+
+    Args:
+        remote (str): Source file.
+        local (str): Destination file; its directory is created.
+        fresh (bool): Delete an existing ``local`` first. Defaults to ``False``.
+    """
+    from streaming.base.storage import CloudDownloader
+    if fresh and os.path.exists(local):
+        os.remove(local)
+    os.makedirs(os.path.dirname(local) or '.', exist_ok=True)
+    CloudDownloader.direct_download(remote, local)
+
+
+def try_download(remote: str, local: str, fresh: bool = False) -> bool:
+    """:func:`download`, returning ``False`` instead of raising when the file cannot be fetched.
+
+    Args:
+        remote (str): Source file.
+        local (str): Destination file.
+        fresh (bool): Delete an existing ``local`` first. Defaults to ``False``.
+
+    Returns:
+        bool: Whether the file was downloaded.
+    """
+    try:
+        download(remote, local, fresh)
+        return True
+    except Exception:  # Backend-specific "not found" errors.
+        return False
+
+
+def read_index(split_dir: str, name: str) -> dict[str, Any]:
+    """The MDS ``index.json`` in ``split_dir``, checked to be a Streaming v2 index of MDS shards.
+
+    Args:
+        split_dir (str): Directory holding ``index.json``.
+        name (str): The stream's name, for error messages.
+
+    Returns:
+        dict[str, Any]: The parsed index.
+    """
+    path = os.path.join(split_dir, 'index.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            index = json.load(f)
+    except (OSError, ValueError) as err:
+        raise LabelingError(f'Cannot read the MDS index of stream {name} ({path}): {err}.') from err
+    if index.get('version') != 2 or not isinstance(index.get('shards'), list):
+        raise LabelingError(f'{path} is not a Streaming (version 2) index.')
+    for shard in index['shards']:
+        if shard.get('format') != 'mds':
+            raise LabelingError(f'Stream {name} has {shard.get("format")} shards: mads label reads '
+                                'MDS shards only.')
+    return index
+
+
+def discover_streams(
+        dataset: str,
+        local: Optional[str] = None,
+        split: Optional[str] = None) -> tuple[list[StreamRef], Optional[dict[str, Any]], str]:
+    """Find the streams of ``dataset``.
+
+    A directory with ``index.json`` is one stream; one with ``mads_convert.json`` has the streams it
+    lists; otherwise every directory below holding an ``index.json`` is a stream, named by its
+    relative path. Remote datasets (a URL, or any path when ``local`` is given) are found through
+    ``mads_convert.json`` or are one stream, and their indexes are downloaded into ``local``.
+
+    Args:
+        dataset (str): Local directory or remote URL of the dataset.
+        local (str, optional): Local cache of a remote dataset. Defaults to
+            ``~/.cache/mads/<hash>`` for a URL.
+        split (str, optional): Split subdirectory of each stream. Defaults to ``None``.
+
+    Returns:
+        tuple: (streams, the ``mads_convert.json`` record or ``None``, local dataset root).
+    """
+    same = local is not None and os.path.abspath(local) == os.path.abspath(dataset)
+    remote = dataset if (is_url(dataset) or (local is not None and not same)) else None
+    split = split or ''
+    if remote is not None:
+        root = local or os.path.join(os.path.expanduser('~'), '.cache', 'mads',
+                                     hashlib.sha256(remote.encode()).hexdigest()[:16])
+        os.makedirs(root, exist_ok=True)
+        info = None
+        if try_download(join_path(remote, CONVERT_INFO_NAME), os.path.join(root, CONVERT_INFO_NAME),
+                        fresh=True):
+            info = read_convert_info(root)
+            tok = (info or {}).get('tokenizer') or {}
+            for name in tok.get('files', []):
+                download(join_path(remote, TOKENIZER_DIRNAME, name),
+                         os.path.join(root, TOKENIZER_DIRNAME, name), fresh=True)
+        entries = ([(s['name'], s['path']) for s in info['streams']] if info else
+                   [(_stream_name(remote.rstrip('/')), '')])
+        streams = []
+        for name, rel in entries:
+            ref = StreamRef(name, os.path.join(root, rel, split), join_path(remote, rel, split))
+            if not try_download(join_path(ref.remote or '', 'index.json'),
+                                os.path.join(ref.local, 'index.json'), fresh=True):
+                raise LabelingError(f'No MDS index at {join_path(ref.remote or "", "index.json")}: '
+                                    'check the remote path and --split, and your credentials.')
+            ref.index = read_index(ref.local, name)
+            streams.append(ref)
+        return streams, info, root
+
+    if not os.path.exists(dataset):
+        raise LabelingError(f'Dataset {dataset} does not exist: give the directory written by '
+                            '`mads convert` or any MDS stream directory.')
+    info = read_convert_info(dataset)
+    if os.path.isfile(os.path.join(dataset, split, 'index.json')):
+        # One stream: a `single` convert output, a stream inside a `streams` output, or any MDS.
+        root, name = dataset, _stream_name(dataset)
+        if info and len(info['streams']) == 1:
+            name = info['streams'][0]['name']
+        elif info is None:
+            parent = os.path.dirname(os.path.abspath(dataset))
+            info = read_convert_info(parent)
+            root = parent if info else dataset
+        ref = StreamRef(name, os.path.join(dataset, split))
+        ref.index = read_index(ref.local, name)
+        return [ref], info, root
+    if info:
+        streams = []
+        for s in info['streams']:
+            ref = StreamRef(s['name'], os.path.join(dataset, s['path'], split))
+            if not os.path.isfile(os.path.join(ref.local, 'index.json')):
+                raise LabelingError(f'Stream {s["name"]} listed in {dataset}/{CONVERT_INFO_NAME} '
+                                    f'has no index.json at {ref.local}: re-run mads convert.')
+            ref.index = read_index(ref.local, s['name'])
+            streams.append(ref)
+        return streams, info, dataset
+    found = []
+    for dirpath, dirnames, filenames in os.walk(dataset):
+        has_index = 'index.json' in filenames
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and
+                             not (has_index and d == LABELS_DIRNAME) and d != TOKENIZER_DIRNAME)
+        if has_index and (not split or os.path.basename(dirpath) == split):
+            found.append(dirpath)
+    if not found:
+        raise LabelingError(f'No MDS index.json under {dataset}: give a directory written by '
+                            '`mads convert` or holding MDS streams (and --split if they have one).')
+    streams = []
+    for path in sorted(found):
+        rel = os.path.relpath(path, dataset)
+        if split:
+            rel = os.path.dirname(rel)
+        name = rel.replace(os.sep, '/') if rel not in ('', '.') else _stream_name(dataset)
+        ref = StreamRef(name, path)
+        ref.index = read_index(path, name)
+        streams.append(ref)
+    return streams, None, dataset
+
+
+def _stream_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)) or 'stream'
+
+
+class RemoteStream:
+    """The two attributes and one method of a Streaming ``Stream`` that ``fetch_labels`` uses.
+
+    Args:
+        ref (StreamRef): A stream with a remote.
+    """
+
+    def __init__(self, ref: StreamRef) -> None:
+        self.remote = ref.remote
+        self.local = ref.local
+        self.split = ''
+
+    def _download_file(self, rel: str, tmp: str) -> str:
+        dest = os.path.join(self.local, tmp)
+        download(join_path(self.remote or '', rel), dest, fresh=True)
+        return dest
+
+
+def load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any],
+               name: str) -> list[dict[str, Any]]:
+    """All samples of one MDS shard, decoded, after checking its bytes against the index.
+
+    The raw shard is read if present and whole; otherwise its stored (possibly compressed) file,
+    downloaded first from ``ref_remote`` when missing or of the wrong size.
+
+    Args:
+        ref_local (str): Local directory of the stream's ``index.json``.
+        ref_remote (str, optional): Remote directory of the same, or ``None``.
+        shard (dict[str, Any]): The shard's entry in ``index.json``.
+        name (str): The stream's name, for error messages.
+
+    Returns:
+        list[dict[str, Any]]: The shard's samples, in order.
+    """
+    from streaming.base.compression import decompress
+    from streaming.base.format.mds.reader import MDSReader
+
+    raw_info, zip_info = shard['raw_data'], shard.get('zip_data')
+    raw_path = os.path.join(ref_local, raw_info['basename'])
+    data: Optional[bytes] = None
+    if os.path.isfile(raw_path) and os.path.getsize(raw_path) == raw_info['bytes']:
+        with open(raw_path, 'rb') as f:
+            data = f.read()
+        _check_shard_hash(data, raw_info, raw_path, name)
+    else:
+        info = zip_info or raw_info
+        path = os.path.join(ref_local, info['basename'])
+        if ref_remote is not None and (not os.path.isfile(path) or
+                                       os.path.getsize(path) != info['bytes']):
+            download(join_path(ref_remote, info['basename']), path, fresh=True)
+        if not os.path.isfile(path):
+            raise LabelingError(f'Shard {info["basename"]} of stream {name} is missing at {path}: '
+                                'the dataset is incomplete; re-convert or re-download it.')
+        if os.path.getsize(path) != info['bytes']:
+            raise LabelingError(f'Shard {path} of stream {name} has {os.path.getsize(path)} bytes '
+                                f'but its index.json says {info["bytes"]}: shards and index '
+                                'disagree; re-convert or re-download the stream.')
+        with open(path, 'rb') as f:
+            data = f.read()
+        _check_shard_hash(data, info, path, name)
+        if zip_info:
+            data = decompress(shard['compression'], data)
+    if len(data) != raw_info['bytes']:
+        raise LabelingError(f'Shard {raw_info["basename"]} of stream {name} decompresses to '
+                            f'{len(data)} bytes, not {raw_info["bytes"]}: it is corrupt.')
+    n = int(np.frombuffer(data, np.uint32, 1)[0])
+    if n != shard['samples']:
+        raise LabelingError(f'Shard {raw_info["basename"]} of stream {name} holds {n} samples, '
+                            f'its index says {shard["samples"]}: it is corrupt.')
+    offsets = np.frombuffer(data, np.uint32, n + 1, 4)
+    reader = MDSReader.from_json(ref_local, None, shard)
+    return [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(n)]
+
+
+def _check_shard_hash(data: bytes, info: dict[str, Any], path: str, name: str) -> None:
+    """Compare a shard file's bytes with a hash its index records (``mads convert`` records
+    one by default), so labels are never computed from shards that are not the indexed ones."""
+    from streaming.base.hashing import get_hash, is_hash
+    hashes = {algo: digest for algo, digest in (info.get('hashes') or {}).items() if is_hash(algo)}
+    if not hashes:
+        return
+    algo = min(hashes)
+    if get_hash(algo, data) != hashes[algo]:
+        raise LabelingError(f'Shard {path} of stream {name} does not match the {algo} hash in its '
+                            'index.json: the shard was modified or corrupted; re-convert or '
+                            're-download the stream.')
