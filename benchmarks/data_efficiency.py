@@ -8,11 +8,13 @@ per-domain held-out losses as it goes:
 2. ``stratified``: an equal share per domain (domain memory ``1 / frequency``, no console),
 3. ``odm``: an online EXP3 bandit over domains rewarded by training loss, in the style of ODM
    (``algorithms.DomainBandit``, same probes, board and schedule as MADS),
-4.-6. ``quality`` / ``domain`` / ``topic``: one agent, memory updated online,
-7. ``static-quality``: static top-k by the initial quality score (a classifier filter: hard top-k
+4.-7. ``quality`` / ``domain`` / ``topic`` / ``similarity``: one agent, memory updated online,
+8. ``static-quality``: static top-k by the initial quality score (a classifier filter: hard top-k
    over fine quality bins, no console),
-8. ``fixed-theta``: all three agents with θ frozen at equal weights (no collaboration),
-9. ``mads``: all three agents, dynamic θ (``yamls/quickstart-cpu.yaml``).
+9. ``static-similarity``: static top-k by reference similarity (DSIR-style importance filtering:
+   hard top-k over 20 percentile bins of ``mads label --reference``'s score, no console),
+10. ``fixed-theta``: all four agents with θ frozen at equal weights (no collaboration),
+11. ``mads``: all four agents, dynamic θ (``yamls/quickstart-cpu.yaml``).
 
 Every ratio is measured on the **evaluation set**: documents of the reference's kind that the
 console never sees (the reference set only steers it). An arm's costs to reach uniform's final
@@ -49,15 +51,25 @@ import numpy as np
 from streaming_mads.demo import costs_to_reach, prepare_data, quiet, train_run, train_wall
 
 QUALITY_FINE = [0.5 * i for i in range(1, 10)]  # 10 bins over 0-5
+SIMILARITY_FINE = [round(0.05 * i, 2) for i in range(1, 20)]  # 20 bins over the percentile
+SIMILARITY = '{type: similarity, init: [0.5, 1, 2, 4, 8]}'  # as in quickstart-cpu.yaml
+
+
+def _static(agent_type: str, edges: list[float]) -> list[str]:
+    """A static filter: hard top-k over fine bins of one score, no console."""
+    init = [float(2**i) for i in range(len(edges) + 1)]
+    return ['algorithms={}', 'train_loader.dataset.temperature=0',
+            f'train_loader.dataset.agents=[{{type: {agent_type}, bins: {edges}, init: {init}}}]']
+
+
 ARMS: dict[str, tuple[str, list[str]]] = {
     'uniform': ('random-baseline-cpu.yaml', []),
     'quality': ('quickstart-cpu.yaml', ['train_loader.dataset.agents=[quality]']),
     'domain': ('quickstart-cpu.yaml', ['train_loader.dataset.agents=[domain]']),
     'topic': ('quickstart-cpu.yaml', ['train_loader.dataset.agents=[topic]']),
-    'static-quality': ('quickstart-cpu.yaml', [
-        'algorithms={}', 'train_loader.dataset.temperature=0',
-        'train_loader.dataset.agents=[{type: quality, bins: ' + str(QUALITY_FINE) + ', init: ' +
-        str([float(2**i) for i in range(10)]) + '}]']),
+    'similarity': ('quickstart-cpu.yaml', [f'train_loader.dataset.agents=[{SIMILARITY}]']),
+    'static-quality': ('quickstart-cpu.yaml', _static('quality', QUALITY_FINE)),
+    'static-similarity': ('quickstart-cpu.yaml', _static('similarity', SIMILARITY_FINE)),
     'stratified': ('quickstart-cpu.yaml', [
         'algorithms={}', 'train_loader.dataset.temperature=1',
         'train_loader.dataset.agents=[{type: domain, init: balanced}]']),
@@ -185,6 +197,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                  f'({summary["target"]:.4f}, mean over seeds), as a share of uniform\'s whole run. '
                  f'Machine: {meta["machine"]}; {meta["minutes"]:.0f} min. Command: '
                  f'`{meta["command"]}`')
+    if meta.get('reused'):
+        lines.append(f'Arms taken from an earlier run of the same code and corpus (their '
+                     f'configuration did not change): {", ".join(meta["reused"])}.')
     return '\n'.join(lines)
 
 
@@ -302,7 +317,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             'tokens_per_batch': runs['uniform'][0]['tokens'] // runs['uniform'][0]['batches'],
             'machine': f'{platform.machine()}, {os.cpu_count()} cores, {platform.system()}',
             'minutes': (time.perf_counter() - start) / 60,
-            'command': 'python benchmarks/data_efficiency.py ' + ' '.join(argv or [])}
+            'command': 'python benchmarks/data_efficiency.py ' + ' '.join(argv or []),
+            'reused': sorted(reused)}
     table = markdown(summary, meta)
     with open(os.path.join(args.out, 'results.md'), 'w') as f:
         f.write(table + '\n')

@@ -27,7 +27,7 @@ from streaming_mads.selection import centred_log_weights
 
 __all__ = [
     'Agent', 'CategoricalAgent', 'BinnedAgent', 'QualityAgent', 'DomainAgent', 'TopicAgent',
-    'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped'
+    'SimilarityAgent', 'build_agent', 'build_agents', 'multiplicative_update', 'normalize_clipped'
 ]
 
 #: ``init`` of an agent whose memory starts at ``1 / frequency``: equal shares of its values.
@@ -38,6 +38,10 @@ Init = Union[Sequence[float], str]
 
 #: Default quality bin edges: five bins over a 0-5 score, as the paper's quality agent.
 DEFAULT_QUALITY_EDGES = (1.0, 2.0, 3.0, 4.0)
+
+#: Default similarity bin edges, over the percentile ``mads label --reference`` writes: the
+#: bottom half, then the top half, quarter, tenth and twentieth of the training samples.
+DEFAULT_SIMILARITY_EDGES = (0.5, 0.75, 0.9, 0.95)
 
 
 def multiplicative_update(weights: NDArray, mean_rewards: NDArray, lr: float, floor: float,
@@ -264,13 +268,26 @@ class TopicAgent(CategoricalAgent):
         super().__init__(name, column)
 
 
-_PRESETS = {'quality': QualityAgent, 'domain': DomainAgent, 'topic': TopicAgent}
+class SimilarityAgent(BinnedAgent):
+    """Reference similarity: bins of the percentile of a sample's likelihood ratio, reference
+    to corpus (column ``similarity``, written by ``mads label --reference``; see
+    :mod:`streaming_mads.similarity`). It carries a reference theme that no domain or topic holds."""
+
+    def __init__(self, name: str = 'similarity', column: str = 'similarity',
+                 edges: Sequence[float] = DEFAULT_SIMILARITY_EDGES) -> None:
+        super().__init__(name, column, edges)
+
+
+_PRESETS = {'quality': QualityAgent, 'domain': DomainAgent, 'topic': TopicAgent,
+            'similarity': SimilarityAgent}
+_BINNED_DEFAULTS = {'quality': DEFAULT_QUALITY_EDGES, 'similarity': DEFAULT_SIMILARITY_EDGES}
 
 AgentSpec = Union[Agent, str, Mapping[str, Any]]
 
 
 def build_agent(spec: AgentSpec) -> Agent:
-    """An agent from a preset name (``'quality'``, ``'domain'``, ``'topic'``), a dict, or itself.
+    """An agent from a preset name (``'quality'``, ``'domain'``, ``'topic'``, ``'similarity'``),
+    a dict, or itself.
 
     Dict keys: ``name``; ``column`` (defaults to ``name``); ``bins`` (edges, for a score column;
     omitted for a categorical one); ``init`` (initial memory, one positive weight per label value,
@@ -298,8 +315,9 @@ def build_agent(spec: AgentSpec) -> Agent:
         raise ValueError(f'Agent spec {spec} needs a `name` (or a `type`).')
     column = spec.get('column') or (_PRESETS[kind]().column if kind else name)
     bins = spec.get('bins')
-    if kind == 'quality' or (kind is None and bins is not None):
-        return BinnedAgent(name, column, bins if bins is not None else DEFAULT_QUALITY_EDGES, init)
+    if kind in _BINNED_DEFAULTS or (kind is None and bins is not None):
+        edges = bins if bins is not None else _BINNED_DEFAULTS[kind or 'quality']
+        return BinnedAgent(name, column, edges, init)
     if bins is not None:
         raise ValueError(f'Agent {name!r} of type {kind!r} is categorical and takes no `bins`.')
     return CategoricalAgent(name, column, init)
@@ -319,7 +337,7 @@ def build_agents(specs: Optional[Sequence[AgentSpec]], store: LabelStore,
         specs = [name for name, cls in _PRESETS.items() if cls().column in available]
         if not specs:
             raise LabelError(f'No default agent applies: the labels have columns {list(available)} '
-                             'but none of quality/domain/topic. Pass `agents=[...]` naming them.')
+                             'but none of quality/domain/topic/similarity. Pass `agents=[...]` naming them.')
     agents = [build_agent(s) for s in specs]
     names = [a.name for a in agents]
     if len(set(names)) != len(names) or not agents:

@@ -104,8 +104,14 @@ def _add_label(p: argparse.ArgumentParser) -> None:
                    'or remote URL')
     p.add_argument('--local', help='local cache for a remote dataset (default ~/.cache/mads/...)')
     p.add_argument('--split', help='split subdirectory of each stream')
-    p.add_argument('--columns', default='domain,quality,topic',
-                   help='columns to label (default domain,quality,topic); others are kept')
+    p.add_argument('--columns', help='columns to label (default domain,quality,topic, and '
+                   'similarity with --reference); others are kept')
+    p.add_argument('--reference', help='the reference set the console steers by (MDS directory '
+                   'or URL): adds the similarity column, each sample\'s likelihood ratio '
+                   '(reference / training words) as a percentile')
+    p.add_argument('--similarity-prior', type=float, default=1e5,
+                   help='pseudo-words smoothing the reference\'s word distribution towards the '
+                   'training data\'s (default 1e5)')
     p.add_argument('--domain-from', default='auto',
                    help='"auto" (domain column if present, else the stream), "stream", or '
                    '"column:NAME"')
@@ -118,7 +124,7 @@ def _add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument('--topic-model', help='assign to the clusters of this saved topic model '
                    '(a labelled stream\'s mads/topics) instead of fitting new ones')
     p.add_argument('--fit-samples', type=int, default=20000,
-                   help='samples k-means is fitted on (default 20000)')
+                   help='samples k-means and the similarity model are fitted on (default 20000)')
     p.add_argument('--seed', type=int, default=0, help='seed of the fit subsample and k-means')
     p.add_argument('--text-column', help='column holding the text or token ids')
     p.add_argument('--tokenizer', help='tokenizer that encoded the tokens (default: the one '
@@ -135,7 +141,9 @@ def _add_label(p: argparse.ArgumentParser) -> None:
 def _run_label(args: argparse.Namespace) -> int:
     from streaming_mads.labeling import label_dataset
     report = label_dataset(
-        args.dataset, local=args.local, split=args.split, columns=_split(args.columns),
+        args.dataset, local=args.local, split=args.split,
+        columns=_split(args.columns) if args.columns else None, reference=args.reference,
+        similarity_prior=args.similarity_prior,
         domain_from=args.domain_from, quality_scorer=args.quality_scorer, topics=args.topics,
         embedder=args.embedder, topic_model=args.topic_model, fit_samples=args.fit_samples,
         seed=args.seed, text_column=args.text_column, tokenizer=args.tokenizer,

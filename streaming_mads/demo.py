@@ -162,7 +162,7 @@ def prepare_data(out: str, code_bytes: int, seq_len: int, vocab_size: int,
         sets[name] = os.path.join(out, name)
         convert([f'{name}={getattr(text, name)}'], sets[name], layout='single', seq_len=seq_len,
                 tokenizer=tokenizer, overwrite=True, progress=progress)
-    label_dataset(data, progress=progress)
+    label_dataset(data, reference=sets['reference'], progress=progress)
     _say('labelled:\n' + inspect_dataset(data))
     return {'data': data, **sets, 'heldout': {d: os.path.join(heldout, d) for d in text.heldout}}
 

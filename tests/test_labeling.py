@@ -189,11 +189,11 @@ def test_label_is_idempotent_and_resumes(corpus, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(b, 'cooking', 'mads', 'manifest.json'))
 
     # Interrupt again in pass 2.
-    real_topic = labeling.run_topic
-    monkeypatch.setattr(labeling, 'run_topic', lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_topic = labeling.run_assign
+    monkeypatch.setattr(labeling, 'run_assign', lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         label_dataset(str(b), topics=3, workers=1, progress=False)
-    monkeypatch.setattr(labeling, 'run_topic', real_topic)
+    monkeypatch.setattr(labeling, 'run_assign', real_topic)
 
     report = label_dataset(str(b), topics=3, workers=2, progress=False)
     total_shards = sum(s['shards'] for s in report.streams)
@@ -340,3 +340,54 @@ def test_corrupt_shards_and_label_files_are_refused(corpus, tmp_path, capsys):
     assert main(['label', str(out), '--columns', 'quality', '--no-progress', '--workers', '1']) == 2
     err = capsys.readouterr().err
     assert shard.name in err and 'xxh3_64 hash in its index.json' in err
+
+
+def test_similarity_to_a_reference_ranks_its_theme_first_and_resumes(corpus, tmp_path, monkeypatch,
+                                                                     capsys):
+    from streaming_mads.agents import build_agent
+    out = tmp_path / 'out'
+    _convert(corpus, out)
+    # The reference: new prose about space, converted the same way (the science stream's theme).
+    rng = np.random.default_rng(7)
+    (tmp_path / 'refsrc').mkdir()
+    with open(tmp_path / 'refsrc' / 'ref.jsonl', 'w') as f:
+        for _ in range(6):
+            f.write(json.dumps({'text': _doc(rng, SPACE)}) + '\n')
+    ref = tmp_path / 'ref'
+    convert([str(tmp_path / 'refsrc' / 'ref.jsonl')], str(ref), seq_len=256, progress=False)
+    # Bad combinations fail before any work, naming the fix.
+    with pytest.raises(LabelingError, match='pass --reference'):
+        label_dataset(str(out), columns=['similarity'], progress=False)
+    with pytest.raises(LabelingError, match='add similarity to --columns'):
+        label_dataset(str(out), columns=['domain'], reference=str(ref), progress=False)
+    with pytest.raises(LabelingError, match='--reference'):
+        label_dataset(str(out), reference=str(tmp_path / 'nope'), progress=False)
+    assert not os.path.exists(out / 'science' / 'mads')
+
+    # Interrupted in pass 2, then resumed: the same bytes as a run straight through.
+    clean = tmp_path / 'clean'
+    shutil.copytree(out, clean)
+    real = labeling.run_assign
+    monkeypatch.setattr(labeling, 'run_assign', lambda job: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        label_dataset(str(out), reference=str(ref), topics=2, workers=1, progress=False)
+    monkeypatch.setattr(labeling, 'run_assign', real)
+    report = label_dataset(str(out), reference=str(ref), topics=2, workers=2, progress=False)
+    assert report.columns == ['domain', 'quality', 'topic', 'similarity']
+    assert main(['label', str(clean), '--reference', str(ref), '--topics', '2',
+                 '--no-progress']) == 0
+    assert 'similarity' in capsys.readouterr().out
+    assert _sidecar(out) == _sidecar(clean)
+
+    streams, _, _ = discover_streams(str(out), None, None)
+    labels, store = _store(streams)
+    sim = {s.name: np.asarray(lab.array('similarity')) for s, lab in zip(streams, labels)}
+    assert all(0 <= v.min() and v.max() <= 1 for v in sim.values())
+    assert sim['science'].min() >= max(sim['cooking'].max(), sim['spam'].max())
+    assert sim['science'].mean() > 0.6 > max(sim['cooking'].mean(), sim['spam'].mean())
+    meta = json.load(open(out / 'science' / 'mads' / 'similarity' / 'similarity.json'))
+    assert meta['corpus_samples'] == sum(s.num_samples for s in streams)
+    # The preset agent bins it: the science samples fill the top bins.
+    agent = build_agent('similarity')
+    agent.bind(store)
+    assert agent.num_values == 5 and agent.freq.sum() == sum(s.num_samples for s in streams)

@@ -83,7 +83,7 @@ def test_prepared_packages_corpus_opens_as_a_mads_dataset(tmp_path):
     for directory in [paths['reference'], paths['evaluation'], *paths['heldout'].values()]:
         assert os.path.isfile(os.path.join(directory, 'index.json')), directory
     ds = MADSDataset(local=paths['data'], batch_size=4, pool_ratio=2, shuffle=False)
-    assert [a.name for a in ds.agents] == ['quality', 'domain', 'topic']
+    assert [a.name for a in ds.agents] == ['quality', 'domain', 'topic', 'similarity']
     assert set(ds.agents[1].value_names) == set(DOMAINS)
     assert ds[0]['tokens'].shape == (64,)
     kept = [sample['tokens'] for _, sample in zip(range(8), ds)]

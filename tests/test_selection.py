@@ -90,6 +90,11 @@ def test_agent_specs():
     assert isinstance(q, BinnedAgent) and q.name == 'quality' and q.edges.tolist() == [2.5]
     ppl = build_agent({'name': 'ppl', 'column': 'ppl_score', 'bins': [10, 20]})
     assert ppl.label_ids(np.array([5.0, 10.0, 15.0, 99.0])).tolist() == [0, 1, 1, 2]
+    sim = build_agent('similarity')
+    assert sim.column == 'similarity' and sim.edges.tolist() == [0.5, 0.75, 0.9, 0.95]
+    assert sim.label_ids(np.array([0.1, 0.5, 0.8, 0.93, 1.0])).tolist() == [0, 1, 2, 3, 4]
+    sim2 = build_agent({'type': 'similarity', 'init': [1, 1, 2]})
+    assert sim2.edges.tolist() == [0.5, 0.75, 0.9, 0.95] and sim2.init.tolist() == [1, 1, 2]
     with pytest.raises(ValueError, match='increasing'):
         build_agent({'name': 'x', 'bins': [3, 1]})
     with pytest.raises(ValueError, match='unknown keys'):

@@ -43,7 +43,7 @@ def test_train_quickstart_then_resume_from_checkpoint(corpus, tmp_path):
     assert os.path.isfile(saved)
     state = torch.load(saved, weights_only=False)['state']
     console = dict(state['algorithms'])['AgentConsole']['console']
-    assert console['latest'] == 2 and len(console['agents']) == 3
+    assert console['latest'] == 2 and len(console['agents']) == 4
     r = load_config(QUICKSTART)['train_loader']['dataset']['pool_ratio']
     assert state['dataset_state']['train']['sample_in_epoch'] == 6 * 8 * r  # Candidates.
     cfg = load_config(QUICKSTART, _overrides(corpus, [f'load_path={saved}', 'max_duration=10ba']))
