@@ -105,8 +105,20 @@ def isolated_run(yaml_name: str, paths: dict[str, Any], overrides: list[str]) ->
     threads running, as under pytest, can deadlock)."""
     ctx = multiprocessing.get_context('forkserver')
     ctx.set_forkserver_preload(['streaming_mads.demo'])
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=quiet) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_run_init) as pool:
         return pool.submit(train_run, yaml_name, paths, overrides).result()
+
+
+def _run_init() -> None:
+    """Start a run's process as ``mads train`` runs: quiet, and DataLoader workers *forked*.
+
+    A fork-server child inherits ``forkserver`` as its default start method, so without this
+    every DataLoader worker (one per epoch: workers are not persistent) would start through the
+    fork server and unpickle the dataset there, about 7 s per epoch on this CPU, charged to the
+    training wall time of every arm that reads more than one epoch of candidates.
+    """
+    quiet()
+    multiprocessing.set_start_method('fork', force=True)
 
 
 def _console_key(overrides: list[str]) -> Optional[str]:

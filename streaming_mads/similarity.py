@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -83,7 +83,8 @@ class SimilarityModel:
         info (dict, optional): Description saved beside it (fit sizes, prior).
     """
 
-    def __init__(self, log_ratio: NDArray, quantiles: NDArray, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, log_ratio: NDArray, quantiles: NDArray,
+                 info: Optional[dict[str, Any]] = None) -> None:
         self.log_ratio = np.asarray(log_ratio, np.float64)
         self.quantiles = np.asarray(quantiles, np.float64)
         self.info = dict(info or {})
