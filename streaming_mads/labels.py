@@ -337,9 +337,11 @@ class StreamLabels:
             return arr
         entry = self.columns.get(column)
         if entry is None:
+            how = ('`mads label DATA --reference REF` (REF: the reference the console steers by)'
+                   if column == 'similarity' else 'that column')
             raise LabelError(f'Stream {self.stream_name} has no label column {column!r} (it has '
-                             f'{sorted(self.columns)}): label it with that column or change the '
-                             'agent\'s `column`.')
+                             f'{sorted(self.columns)}): label it with {how}, or drop the agent '
+                             'or change its `column`.')
         path = os.path.join(labels_dir(self.split_dir), entry['file'])
         if not os.path.isfile(path):
             raise LabelError(f'Label file {path} of stream {self.stream_name} is missing: '

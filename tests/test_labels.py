@@ -27,6 +27,16 @@ def test_write_and_read_round_trip(mds_dir):
     assert labels.columns['domain']['counts'] == [150] * 4
 
 
+def test_a_missing_column_names_the_command_that_writes_it(mds_dir):
+    from streaming_mads.agents import build_agent
+    labels = StreamLabels(mds_dir, 600, 'data')
+    store = LabelStore([labels], np.zeros(1, np.int64))
+    with pytest.raises(LabelError, match='mads label DATA --reference REF'):
+        build_agent('similarity').bind(store)
+    with pytest.raises(LabelError, match="no label column 'ppl'.*label it with that column"):
+        build_agent({'name': 'ppl', 'bins': [1.0]}).bind(store)
+
+
 def test_merge_keeps_other_columns_and_names_vocabulary(mds_dir):
     write_labels(mds_dir, {'ppl': score(np.linspace(0, 1, 600))})
     cols = StreamLabels(mds_dir, 600, 'data').columns
