@@ -25,8 +25,8 @@ paper reports about 0.5 in tokens. Seeds vary the shuffle, selection and console
 a gap to full MADS is marked when it exceeds two standard errors of the per-seed ratios. Writes
 ``results.md``, ``results.json`` and ``results.png`` into ``--out``.
 
-The full run is both corpora, every default arm, 3 seeds, 250 batches each (about 30 minutes
-per corpus on 2 CPU cores)::
+The full run is both corpora, every default arm (11), 3 seeds, 250 batches each (about 35 minutes
+per corpus on 2 CPU cores, one command each)::
 
     python benchmarks/data_efficiency.py --corpus demo --out runs/efficiency-demo
     python benchmarks/data_efficiency.py --corpus packages --out runs/efficiency-packages
@@ -48,7 +48,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from streaming_mads.demo import costs_to_reach, prepare_data, quiet, train_run, train_wall
+from streaming_mads.demo import (costs_to_reach, prepare_data, quiet, run_process_init, train_run,
+                                 train_wall)
 
 QUALITY_FINE = [0.5 * i for i in range(1, 10)]  # 10 bins over 0-5
 SIMILARITY_FINE = [round(0.05 * i, 2) for i in range(1, 20)]  # 20 bins over the percentile
@@ -105,20 +106,9 @@ def isolated_run(yaml_name: str, paths: dict[str, Any], overrides: list[str]) ->
     threads running, as under pytest, can deadlock)."""
     ctx = multiprocessing.get_context('forkserver')
     ctx.set_forkserver_preload(['streaming_mads.demo'])
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_run_init) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=run_process_init) as pool:
         return pool.submit(train_run, yaml_name, paths, overrides).result()
 
-
-def _run_init() -> None:
-    """Start a run's process as ``mads train`` runs: quiet, and DataLoader workers *forked*.
-
-    A fork-server child inherits ``forkserver`` as its default start method, so without this
-    every DataLoader worker (one per epoch: workers are not persistent) would start through the
-    fork server and unpickle the dataset there, about 7 s per epoch on this CPU, charged to the
-    training wall time of every arm that reads more than one epoch of candidates.
-    """
-    quiet()
-    multiprocessing.set_start_method('fork', force=True)
 
 
 def _console_key(overrides: list[str]) -> Optional[str]:
