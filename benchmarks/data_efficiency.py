@@ -110,7 +110,6 @@ def isolated_run(yaml_name: str, paths: dict[str, Any], overrides: list[str]) ->
         return pool.submit(train_run, yaml_name, paths, overrides).result()
 
 
-
 def _console_key(overrides: list[str]) -> Optional[str]:
     """The arm's algorithm key under ``algorithms`` (``None``: no console)."""
     for o in overrides:
@@ -252,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help='keep the runs an interrupted benchmark saved in --out')
     parser.add_argument('--quick', action='store_true',
                         help='smoke run: a small corpus, 1 seed, 12 batches, uniform and mads '
-                        '(unless --arms)'
+                        '(unless --arms) '
                         '(checks the pipeline; its figures mean nothing)')
     args = parser.parse_args(argv)
     corpus = dict(code_bytes=1_200_000, seq_len=128, vocab_size=4096)

@@ -280,7 +280,6 @@ class SimilarityAgent(BinnedAgent):
 
 _PRESETS = {'quality': QualityAgent, 'domain': DomainAgent, 'topic': TopicAgent,
             'similarity': SimilarityAgent}
-_BINNED_DEFAULTS = {'quality': DEFAULT_QUALITY_EDGES, 'similarity': DEFAULT_SIMILARITY_EDGES}
 
 AgentSpec = Union[Agent, str, Mapping[str, Any]]
 
@@ -313,10 +312,11 @@ def build_agent(spec: AgentSpec) -> Agent:
     name = spec.get('name') or kind
     if not name:
         raise ValueError(f'Agent spec {spec} needs a `name` (or a `type`).')
-    column = spec.get('column') or (_PRESETS[kind]().column if kind else name)
+    preset = _PRESETS[kind]() if kind else None
+    column = spec.get('column') or (preset.column if preset else name)
     bins = spec.get('bins')
-    if kind in _BINNED_DEFAULTS or (kind is None and bins is not None):
-        edges = bins if bins is not None else _BINNED_DEFAULTS[kind or 'quality']
+    if isinstance(preset, BinnedAgent) or (preset is None and bins is not None):
+        edges = bins if bins is not None else preset.edges  # A binned preset's default bins.
         return BinnedAgent(name, column, edges, init)
     if bins is not None:
         raise ValueError(f'Agent {name!r} of type {kind!r} is categorical and takes no `bins`.')

@@ -109,7 +109,7 @@ def _add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument('--reference', help='the reference set the console steers by (MDS directory '
                    'or URL): adds the similarity column, each sample\'s likelihood ratio '
                    '(reference / training words) as a percentile')
-    p.add_argument('--similarity-prior', type=float, default=1e5,
+    p.add_argument('--similarity-prior', type=float,
                    help='pseudo-words smoothing the reference\'s word distribution towards the '
                    'training data\'s (default 1e5)')
     p.add_argument('--domain-from', default='auto',
@@ -143,7 +143,7 @@ def _run_label(args: argparse.Namespace) -> int:
     report = label_dataset(
         args.dataset, local=args.local, split=args.split,
         columns=_split(args.columns) if args.columns else None, reference=args.reference,
-        similarity_prior=args.similarity_prior,
+        **({} if args.similarity_prior is None else {'similarity_prior': args.similarity_prior}),
         domain_from=args.domain_from, quality_scorer=args.quality_scorer, topics=args.topics,
         embedder=args.embedder, topic_model=args.topic_model, fit_samples=args.fit_samples,
         seed=args.seed, text_column=args.text_column, tokenizer=args.tokenizer,

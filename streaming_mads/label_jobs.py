@@ -233,7 +233,7 @@ def run_assign(job: AssignJob) -> int:
             TopicModel.load(job.topic_dir) if job.topic_dir else None,
             SimilarityModel.load(job.similarity_dir) if job.similarity_dir else None)
     topics, similarity = _MODELS[job.model_key]
-    arrays: dict[str, NDArray] = {}
+    arrays: dict[str, NDArray] = {'n': np.int64(len(texts))}
     if topics is not None:
         arrays['topic'] = topics.assign(texts, job.num_threads).astype(np.int32)
     if similarity is not None:

@@ -281,6 +281,7 @@ class _Labeler:
         self.fingerprints = [index_fingerprint(s.local) for s in streams]
         self.works = [os.path.join(labels_dir(s.local), WORK_DIRNAME) for s in streams]
         self.fit_ids = np.zeros(0, np.int64)  # Global sample ids of the topic-fit subsample.
+        self._fit_rows: Optional[TermRows] = None
         self.fitting = False
         self.resumed = [0] * len(streams)
         for s in streams:
@@ -356,44 +357,49 @@ class _Labeler:
         run_jobs(run_score, jobs, pool, 'mads label: scoring',
                   sum(int(j.shard['samples']) for j in jobs), self.progress)
 
-    def _score_files(self, si: int, keys: Sequence[str]) -> Iterator[dict[str, NDArray]]:
-        """The ``keys`` arrays of each pass-1 file of stream ``si``, shard by shard."""
+    def _work_files(self, si: int, prefix: str,
+                    keys: Sequence[str]) -> Iterator[dict[str, NDArray]]:
+        """The ``keys`` arrays of each ``prefix`` (``score``/``assign``) work file of stream
+        ``si``, shard by shard (an ``.npz`` reads only the members asked for)."""
         s = self.streams[si]
         for j, shard in enumerate(s.index['shards']):
-            with np.load(os.path.join(self.works[si], f'score-{j:05d}.npz'), allow_pickle=False) as z:
+            with np.load(os.path.join(self.works[si], f'{prefix}-{j:05d}.npz'),
+                         allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ('n', *keys) if k in z.files}
             if int(arrays['n']) != shard['samples']:
                 raise LabelingError(f'Work file of shard {j} of stream {s.name} is stale: re-run '
                                     'with --restart.')
             yield arrays
 
-    def _fit_parts(self) -> Iterator[dict[str, NDArray]]:
+    def _fit_parts(self, keys: Sequence[str]) -> Iterator[dict[str, NDArray]]:
         """Pass-1 arrays of the fit subsample, shard by shard, over all streams."""
         for si in range(len(self.streams)):
-            yield from self._score_files(si, ('df_buckets', 'df_counts', 'fit_indptr',
-                                              'fit_buckets', 'fit_counts', 'name_buckets',
-                                              'name_words', 'fit_emb'))
+            yield from self._work_files(si, 'score', keys)
 
     def fit_rows(self) -> TermRows:
-        """Hashed words of the fit subsample (all streams, in sample order)."""
-        return concat_rows([TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {})
-                            for z in self._fit_parts()], {})
+        """Hashed words of the fit subsample (all streams, in sample order), read once for both
+        the topic and the similarity fit."""
+        if self._fit_rows is None:
+            parts: list[TermRows] = []
+            names: dict[int, str] = {}
+            for z in self._fit_parts(('fit_indptr', 'fit_buckets', 'fit_counts', 'name_buckets',
+                                      'name_words')):
+                parts.append(TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {}))
+                for b, w in zip(z['name_buckets'].tolist(), z['name_words'].tolist()):
+                    if b not in names or w < names[b]:
+                        names[b] = w
+            self._fit_rows = concat_rows(parts, names)
+        return self._fit_rows
 
     def fit_topics(self, k: int, emb_record: dict[str, Any]) -> TopicModel:
         """k-means over the fit subsample of all streams; IDF from all samples' frequencies."""
         df = np.zeros(NUM_BUCKETS, np.int64)
-        parts: list[TermRows] = []
         embs: list[NDArray] = []
-        names: dict[int, str] = {}
-        for z in self._fit_parts():
+        for z in self._fit_parts(('df_buckets', 'df_counts', 'fit_emb')):
             df[z['df_buckets']] += z['df_counts']  # Unique buckets within a shard.
-            parts.append(TermRows(z['fit_indptr'], z['fit_buckets'], z['fit_counts'], {}))
-            for b, w in zip(z['name_buckets'].tolist(), z['name_words'].tolist()):
-                if b not in names or w < names[b]:
-                    names[b] = w
             if 'fit_emb' in z:
                 embs.append(z['fit_emb'])
-        rows = concat_rows(parts, names)
+        rows = self.fit_rows()
         idf = idf_from_df(df, int(self.stream_starts[-1]))
         tfidf = emb_record['kind'] == 'tfidf'
         x = tfidf_embed(rows, idf, emb_record['dim']) if tfidf else np.concatenate(embs)
@@ -433,20 +439,12 @@ class _Labeler:
         run_jobs(run_assign, jobs, pool, f'mads label: {what}',
                  sum(int(j.shard['samples']) for j in jobs), self.progress)
 
-    def _assigned(self, si: int, key: str) -> NDArray:
-        """Column ``key`` of stream ``si`` from its pass-2 files."""
-        parts = []
-        for j in range(len(self.streams[si].index['shards'])):
-            with np.load(os.path.join(self.works[si], f'assign-{j:05d}.npz')) as z:
-                parts.append(z[key])
-        return np.concatenate(parts)
-
     def _columns(self, si: int, model: Optional[TopicModel],
                  similarity: Optional[SimilarityModel]) -> dict[str, LabelColumn]:
         s = self.streams[si]
         cols: dict[str, LabelColumn] = {}
         keys = ('domain_vocab', 'domain_ids', 'quality')
-        files = list(self._score_files(si, keys)) if self.needs_scores else []
+        files = list(self._work_files(si, 'score', keys)) if self.needs_scores else []
         if 'domain' in self.columns:
             if self.domain_cols[si] is None:
                 cols['domain'] = categorical(np.zeros(s.num_samples, np.int64), vocab=[s.name])
@@ -454,11 +452,13 @@ class _Labeler:
                 cols['domain'] = merge_domains([(z['domain_vocab'], z['domain_ids']) for z in files])
         if self.quality is not None:
             cols['quality'] = score(np.concatenate([z['quality'] for z in files]))
+        assigned = (list(self._work_files(si, 'assign', ('topic', 'similarity')))
+                    if model is not None or similarity is not None else [])
         if model is not None:
-            cols['topic'] = categorical(self._assigned(si, 'topic').astype(np.int64),
-                                        vocab=model.names)
+            cols['topic'] = categorical(np.concatenate([z['topic'] for z in assigned]).astype(
+                np.int64), vocab=model.names)
         if similarity is not None:
-            cols['similarity'] = score(self._assigned(si, 'similarity'))
+            cols['similarity'] = score(np.concatenate([z['similarity'] for z in assigned]))
         return cols
 
     def write(self, model: Optional[TopicModel],
