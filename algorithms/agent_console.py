@@ -7,8 +7,10 @@ dataloader, device, logger) into :class:`streaming_mads.console.Console`, which 
 
 from __future__ import annotations
 
+import difflib
 import os
 import tempfile
+from dataclasses import fields
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -127,28 +129,6 @@ class AgentConsole(Algorithm):
 
     Args:
         reference (ReferenceSource): The reference set (see :func:`load_reference`).
-        update_interval (int): ``W``, batches per version. Defaults to ``150``.
-        lead (int, optional): ``L``; ``None`` = prefetch depth + 1. Defaults to ``None``.
-        probe_size (int): Probe samples per update over all ranks. Defaults to ``64``.
-        probe_pool (int): Most candidates (over all ranks, from the pools read since the last
-            update) the stratified probe is drawn from. Defaults to ``4096``.
-        reference_size (int): Reference samples per update over all ranks, drawn afresh from the
-            whole reference set each update. Defaults to ``32``.
-        reward (str): ``'inner'`` or ``'cosine'`` influence. Defaults to ``'inner'``.
-        value_prior (float): Pseudo-probes of reward 0 behind each label value's estimate.
-            Defaults to ``4``.
-        repeat_penalty (float): ``ρ`` of the published weights' ``1 / (1 + ρ · times kept)``
-            per label value; ``0`` is off. Defaults to ``0.1``.
-        lr_memory (float): Memory learning rate ``η``. Defaults to ``0.5``.
-        lr_theta (float): θ learning rate ``η_θ``. Defaults to ``1.0``.
-        memory_floor (float): Smallest memory weight / mean. Defaults to ``0.05``.
-        memory_cap (float): Largest memory weight / mean. Defaults to ``20``.
-        theta_floor (float): Smallest θ share. Defaults to ``0.05``.
-        seed (int): Probe seed. Defaults to ``0``.
-        probe_micro_batch (int, optional): Most samples per forward/backward of the influence
-            pass. Defaults to ``None`` (the trainer's ``device_train_microbatch_size``).
-        activation_checkpointing (bool): Checkpoint the model's blocks in the influence pass.
-            Defaults to ``True``.
         reference_split (str, optional): MDS split of the reference. Defaults to ``None``.
         reference_local (str, optional): Cache dir for a remote reference. Defaults to ``None``.
         reference_tokenizer (str, optional): Tokenizer of a jsonl/text reference. Defaults to
@@ -157,40 +137,27 @@ class AgentConsole(Algorithm):
             Tensor[B]``. Defaults to the causal-LM adapter.
         collate_fn (Callable, optional): Builds a model batch from sample dicts. Defaults to the
             train dataloader's ``collate_fn``.
+        **settings: The console's settings, each a field of
+            :class:`~streaming_mads.console.ConsoleConfig` (documented there and in
+            ``docs/configuration.md``): ``update_interval``, ``probe_size``, ``lr_memory``, ...
     """
 
     def __init__(self,
                  reference: ReferenceSource,
-                 update_interval: int = 150,
-                 lead: Optional[int] = None,
-                 probe_size: int = 64,
-                 probe_pool: int = 4096,
-                 reference_size: int = 32,
-                 reward: str = 'inner',
-                 value_prior: float = 4.0,
-                 repeat_penalty: float = 0.1,
-                 lr_memory: float = 0.5,
-                 lr_theta: float = 1.0,
-                 memory_floor: float = 0.05,
-                 memory_cap: float = 20.0,
-                 theta_floor: float = 0.05,
-                 seed: int = 0,
-                 probe_micro_batch: Optional[int] = None,
-                 activation_checkpointing: bool = True,
                  reference_split: Optional[str] = None,
                  reference_local: Optional[str] = None,
                  reference_tokenizer: Optional[str] = None,
                  loss_fn: Optional[PerSampleLoss] = None,
-                 collate_fn: Optional[Callable[[list], Any]] = None) -> None:
-        self.config = ConsoleConfig(update_interval=update_interval, lead=lead,
-                                    probe_size=probe_size, probe_pool=probe_pool,
-                                    reference_size=reference_size, reward=reward,
-                                    value_prior=value_prior, repeat_penalty=repeat_penalty,
-                                    lr_memory=lr_memory,
-                                    lr_theta=lr_theta, memory_floor=memory_floor,
-                                    memory_cap=memory_cap, theta_floor=theta_floor, seed=seed,
-                                    probe_micro_batch=probe_micro_batch,
-                                    activation_checkpointing=activation_checkpointing)
+                 collate_fn: Optional[Callable[[list], Any]] = None,
+                 **settings: Any) -> None:
+        known = [f.name for f in fields(ConsoleConfig)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f'did you mean {close[0]!r}?' if close else \
+                f'the settings are {", ".join(known)} (see docs/configuration.md).'
+            raise ValueError(f'mads_console has no setting {unknown[0]!r}: {hint}')
+        self.config = ConsoleConfig(**settings)
         self.reference = reference
         self.reference_split = reference_split
         self.reference_local = reference_local
@@ -299,7 +266,8 @@ class AgentConsole(Algorithm):
             return
         batches_done = int(state.timestamp.batch.value)
         while (version := self.console.due(batches_done)) is not None:
-            _, metrics = self.console.step(state.model, version)
+            _, metrics = self.console.step(state.model, version,
+                                           state.optimizers[0] if state.optimizers else None)
             logger.log_metrics(metrics)
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 from streaming_mads.bandit import BanditConsole
-from streaming_mads.console import ConsoleConfig
 from streaming_mads.dataset import MADSDataset
 from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss
 
@@ -48,10 +47,8 @@ class DomainBandit(AgentConsole):
         super().__init__(reference=[], update_interval=update_interval, lead=lead,
                          probe_size=probe_size, probe_pool=probe_pool, seed=seed,
                          loss_fn=loss_fn, collate_fn=collate_fn)
-        self.console = BanditConsole(ConsoleConfig(update_interval=update_interval, lead=lead,
-                                                   probe_size=probe_size, probe_pool=probe_pool,
-                                                   seed=seed),
-                                     self._make_batch, loss_fn or causal_lm_per_sample_loss,
+        self.console = BanditConsole(self.config, self._make_batch,
+                                     loss_fn or causal_lm_per_sample_loss,
                                      agent=agent, decay=decay)
 
     def __repr__(self) -> str:

@@ -81,9 +81,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         'train_loader.dataset.temperature=1', 'train_loader.dataset.agents=[domain]']),
     'fixed-theta': ('quickstart-cpu.yaml', ['algorithms.mads_console.lr_theta=0']),
     'mads': ('quickstart-cpu.yaml', []),
-    # Ablations of the console's rule (not in the default run): the other reward, no repeat
+    # Ablations of the console's rule (not in the default run): the other rewards, no repeat
     # penalty, and nearly no shrinkage of rarely probed values.
     'mads-cosine': ('quickstart-cpu.yaml', ['algorithms.mads_console.reward=cosine']),
+    'mads-adam': ('quickstart-cpu.yaml', ['algorithms.mads_console.reward=adam']),
     'mads-no-repeat': ('quickstart-cpu.yaml', ['algorithms.mads_console.repeat_penalty=0']),
     'mads-no-shrink': ('quickstart-cpu.yaml', ['algorithms.mads_console.value_prior=0.001']),
 }
@@ -180,7 +181,8 @@ def _cell(cost: dict[str, Any]) -> str:
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    domains = sorted(next(iter(summary['arms'].values()))['heldout'])
+    # Arms reused from a run with held-out sets beside new ones without: a blank cell.
+    domains = sorted({d for s in summary['arms'].values() for d in s['heldout']})
     head = (f'| arm | final {summary["label"]} loss (mean ± std) | tokens | wall time | FLOPs | '
             f'gap to MADS > 2 SE | ' + ' | '.join(f'held-out {d}' for d in domains) + ' |')
     lines = [head, '|' + ' --- |' * (6 + len(domains))]
@@ -190,7 +192,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         gap_text = '' if gap == '' else ('n/a' if gap is None else ('yes' if gap else 'no'))
         lines.append(f'| {arm} | {s["final_mean"]:.4f} ± {s["final_std"]:.4f} | ' +
                      ' | '.join(_cell(s['costs'][c]) for c in COSTS) + f' | {gap_text} | ' +
-                     ' | '.join(f'{s["heldout"][d]:.3f}' for d in domains) + ' |')
+                     ' | '.join(f'{s["heldout"][d]:.3f}' if d in s['heldout'] else ''
+                                for d in domains) + ' |')
     lines.append('')
     lines.append(f'{meta["seeds"]} seeds per arm (mean ± std over seeds), {meta["budget_batches"]} '
                  f'batches x {meta["tokens_per_batch"]} tokens each; each cost is what an arm '
@@ -212,8 +215,10 @@ def plot(summary: dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for arm, s in summary['arms'].items():
+    colors = plt.get_cmap('tab20').colors  # Distinct for up to 20 arms (the default cycle has 10).
+    for i, (arm, s) in enumerate(summary['arms'].items()):
         style = dict(label=arm, lw=2.5 if arm == 'mads' else 1.2,
+                     color='black' if arm == 'mads' else colors[2 * i % 20 + i // 10],
                      ls='--' if arm == 'uniform' else '-')
         axes[0].plot(np.asarray(s['curve_tokens']) / 1e6, s['curve_mean'], **style)
         axes[1].plot(s['curve_wall'], s['curve_mean'], **style)

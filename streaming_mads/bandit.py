@@ -122,8 +122,12 @@ class BanditConsole(Console):
         with _influence_mode(net), torch.no_grad():
             return self.loss_fn(net, batch).detach().double().cpu().numpy()
 
-    def step(self, model: torch.nn.Module, version: int) -> tuple[None, dict[str, float]]:
-        """Measure the probes' training loss per arm, move EXP3, publish ``version``."""
+    def step(self, model: torch.nn.Module, version: int,
+             optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[None, dict[str, float]]:
+        """Measure the probes' training loss per arm, move EXP3, publish ``version``.
+
+        ``optimizer`` is unused (the console's signature: the training loss needs no
+        preconditioner)."""
         assert self.dataset is not None
         start = time.perf_counter()
         rank, _ = rank_world()

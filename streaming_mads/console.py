@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from streaming_mads.dataset import MADSDataset
 from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
+from streaming_mads.preconditioning import adam_preconditioned
 from streaming_mads.rewards import REWARDS, Update, reward_signal, stratified_probe, update_weights
 from streaming_mads.selection import combined_scores, repeat_penalized, simulate_keep
 
@@ -48,8 +49,10 @@ class ConsoleConfig:
         reference_size (int): Reference samples used for ``∇L_R`` at each update, over all ranks:
             a fresh draw from the whole reference set each update (seeded by ``seed`` and the
             version, the same on every rank). Defaults to ``32``.
-        reward (str): ``'inner'`` (influence ``⟨∇ℓ(x), ∇L_R⟩``) or ``'cosine'`` (divided by
-            ``|∇ℓ(x)|``, so high-loss samples with large gradients do not dominate). Defaults to
+        reward (str): ``'inner'`` (influence ``⟨∇ℓ(x), ∇L_R⟩``), ``'cosine'`` (divided by
+            ``|∇ℓ(x)|``, so high-loss samples with large gradients do not dominate) or ``'adam'``
+            (the influence of an Adam step: the reference gradient preconditioned by the
+            trainer's Adam second moments; :mod:`streaming_mads.preconditioning`). Defaults to
             ``'inner'``.
         value_prior (float): Pseudo-probes of reward 0 behind every label value's estimate, so a
             value seen in few probes moves its memory little. Defaults to ``4``.
@@ -408,14 +411,17 @@ class Console:
         as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
         return as_np(inner), None if norms is None else as_np(norms)
 
-    def step(self, model: torch.nn.Module, version: int) -> tuple[Optional[Update], dict[str, float]]:
+    def step(self, model: torch.nn.Module, version: int,
+             optimizer: Optional[torch.optim.Optimizer] = None
+             ) -> tuple[Optional[Update], dict[str, float]]:
         """One update producing ``version``; returns it and the metrics to log.
 
         Influence: each rank measures the probes it owns and takes every ``world``-th sample of
         the version's reference draw; the reference gradient is the exact mean over the draw
         (summed across ranks, whatever each rank's share, none included); the rewards are
         gathered, rank 0 computes the update and moves the memories, and every rank receives
-        its result, so all ranks publish the same bytes.
+        its result, so all ranks publish the same bytes. ``optimizer``: the trainer's, needed by
+        ``reward: adam`` (its preconditioner).
         """
         assert self.dataset is not None
         cfg = self.config
@@ -426,6 +432,10 @@ class Console:
         ref = [self.reference[int(i)] for i in ref_ids[rank::world]]
         grad = reference_gradient(model, self.make_batch(ref) if ref else None, self.loss_fn,
                                   num_samples=len(ref_ids), **self.influence_options)
+        if cfg.reward == 'adam':
+            if optimizer is None:
+                raise ValueError('mads_console reward: adam needs the trainer\'s optimizer.')
+            grad = adam_preconditioned(grad, optimizer)
         inner = np.empty(len(probe_ids), np.float64)
         norms = np.empty(len(probe_ids), np.float64)
         measured = all_gather(self._measure(model, probe_ids[owners == rank], grad))

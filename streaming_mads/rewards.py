@@ -38,8 +38,9 @@ __all__ = [
     'Update', 'update_weights', 'stratified_probe'
 ]
 
-#: Reward kinds: the raw influence ``⟨∇ℓ(x), ∇L_R⟩`` or its cosine (divided by ``|∇ℓ(x)|``).
-REWARDS = ('inner', 'cosine')
+#: Reward kinds: the raw influence ``⟨∇ℓ(x), ∇L_R⟩``, its cosine (divided by ``|∇ℓ(x)|``), or
+#: the influence of an Adam step, ``⟨∇ℓ(x), P ∇L_R⟩`` (:mod:`streaming_mads.preconditioning`).
+REWARDS = ('inner', 'cosine', 'adam')
 
 #: Ridge of the θ regression (in units of the standardised scores' variance): keeps two agents
 #: with identical scores solvable, splitting their credit equally.
@@ -59,6 +60,8 @@ def reward_signal(inner: NDArray, grad_norms: Optional[NDArray], kind: str) -> N
     A raw inner product is dominated by samples with large gradients (high-loss, garbled text);
     the cosine measures only the direction a sample pushes the model. (The reference gradient's
     norm is common to all probes and cancels in :func:`standardize`.) A zero-norm probe gets 0.
+    ``adam`` is the inner product taken with the preconditioned reference gradient, so here it
+    is ``inner`` as given.
 
     Args:
         inner (NDArray): ``⟨∇ℓ(x), ∇L_R⟩`` per probe.
@@ -66,7 +69,7 @@ def reward_signal(inner: NDArray, grad_norms: Optional[NDArray], kind: str) -> N
         kind (str): One of :data:`REWARDS`.
     """
     inner = np.asarray(inner, np.float64)
-    if kind == 'inner':
+    if kind in ('inner', 'adam'):
         return inner
     if kind != 'cosine':
         raise ValueError(f'Unknown reward {kind!r}: use one of {list(REWARDS)}.')

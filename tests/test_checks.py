@@ -117,6 +117,15 @@ def test_unknown_model_key_is_an_error(sets):
         build_trainer(cfg)
 
 
+def test_unknown_console_setting_names_the_closest():
+    from algorithms import AgentConsole
+    with pytest.raises(ValueError, match="no setting 'lr_thta': did you mean 'lr_theta'"):
+        AgentConsole(reference='unused', lr_thta=2.0)
+    with pytest.raises(ValueError, match="no setting 'zzz'.*lr_memory"):
+        AgentConsole(reference='unused', zzz=1)
+    assert AgentConsole(reference='unused', lr_theta=2.0).config.lr_theta == 2.0
+
+
 def _python_trainer(data: str, reference: str):
     """A Trainer built in Python (no `mads train`): only the console's FIT_START check runs."""
     import torch

@@ -39,6 +39,18 @@ def _series(mem: InMemoryLogger, key: str) -> list[float]:
     return [v for _, v in mem.data.get(key, [])]
 
 
+def test_adam_reward_finds_the_planted_signal(corpus):
+    # The influence of an Adam step (from the trainer's real AdamW state) ranks the same
+    # planted values up and down.
+    data, ref = corpus
+    mem = InMemoryLogger()
+    trainer, _, _ = make_trainer(data, ref, loggers=[mem], console={'reward': 'adam'})
+    trainer.fit()
+    assert _series(mem, 'mads/memory/domain/ref')[-1] > 1.5
+    assert _series(mem, 'mads/memory/domain/noise')[-1] < 0.5
+    assert _series(mem, 'mads/skipped_updates')[-1] == 0
+
+
 def test_planted_signal_is_found(corpus):
     data, ref = corpus
     mem = InMemoryLogger()

@@ -165,5 +165,5 @@ def test_gpu_yamls_only_use_known_settings(name):
     for stream in dataset.pop('streams').values():
         assert set(stream) <= set(inspect.signature(Stream).parameters)
     assert set(dataset) <= dataset_keys
-    assert set(cfg['algorithms']['mads_console']) <= set(inspect.signature(AgentConsole).parameters)
+    AgentConsole(**cfg['algorithms']['mads_console'])  # Unknown keys and bad values raise.
     assert cfg['global_train_batch_size'] % 8 == 0
