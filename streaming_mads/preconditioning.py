@@ -5,7 +5,7 @@ reference loss after an SGD step on ``x``. The model trains with Adam, whose ste
 about ``-lr · P ∇ℓ(x)`` with the diagonal ``P = 1 / (sqrt(v̂) + ε)`` (``v̂`` the bias-corrected
 second moment), so the change it causes is ``-lr · ⟨P ∇ℓ(x), ∇L_R⟩ = -lr · ⟨∇ℓ(x), P ∇L_R⟩``:
 the same one-pass influence with the reference gradient multiplied by ``P`` once per update
-(the preconditioned influence of LESS, Xia et al. 2024). It matters because the raw inner
+(so it costs what ``reward: inner`` costs). It matters because the raw inner
 product is dominated by the coordinates whose gradients are large and frequent (common tokens'
 embeddings, for garbled text as much as for good text), which Adam moves least per unit of
 gradient; ``P`` weighs each coordinate by how far Adam actually moves it.
