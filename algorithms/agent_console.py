@@ -26,6 +26,7 @@ from streaming_mads.checks import (TokenizerInfo, check_run, check_token_ids, co
 from streaming_mads.console import Console, ConsoleConfig, prefetch_depth
 from streaming_mads.dataset import MADSDataset
 from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss, influence_memory
+from streaming_mads.preconditioning import check_adam
 
 __all__ = ['AgentConsole', 'find_mads_dataset', 'load_reference']
 
@@ -112,6 +113,11 @@ def load_reference(source: ReferenceSource, split: Optional[str] = None,
                             split=split, batch_size=1)
 
 
+def _optimizer(state: State) -> Optional[torch.optim.Optimizer]:
+    """The trainer's (first) optimizer, ``None`` without one."""
+    return state.optimizers[0] if state.optimizers else None
+
+
 def spread(samples: Sequence[dict], count: int) -> list[dict]:
     """Up to ``count`` samples evenly spaced over ``samples`` (a cheap check of a large set)."""
     n = len(samples)
@@ -195,6 +201,8 @@ class AgentConsole(Algorithm):
         check_run(state.model, dataset, evals, self.reference_tokenizer_info())
         check_token_ids(spread(reference, _REFERENCE_CHECKED), model_vocab_size(state.model),
                         'mads_console reference set')
+        if self.config.reward == 'adam':
+            check_adam(_optimizer(state))
 
     def _load_reference(self, dataset: MADSDataset) -> Sequence[dict]:
         return load_reference(self.reference, self.reference_split, self.reference_local, dataset,
@@ -266,8 +274,7 @@ class AgentConsole(Algorithm):
             return
         batches_done = int(state.timestamp.batch.value)
         while (version := self.console.due(batches_done)) is not None:
-            _, metrics = self.console.step(state.model, version,
-                                           state.optimizers[0] if state.optimizers else None)
+            _, metrics = self.console.step(state.model, version, _optimizer(state))
             logger.log_metrics(metrics)
 
     def state_dict(self) -> dict[str, Any]:

@@ -433,8 +433,6 @@ class Console:
         grad = reference_gradient(model, self.make_batch(ref) if ref else None, self.loss_fn,
                                   num_samples=len(ref_ids), **self.influence_options)
         if cfg.reward == 'adam':
-            if optimizer is None:
-                raise ValueError('mads_console reward: adam needs the trainer\'s optimizer.')
             grad = adam_preconditioned(grad, optimizer)
         inner = np.empty(len(probe_ids), np.float64)
         norms = np.empty(len(probe_ids), np.float64)

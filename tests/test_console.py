@@ -51,6 +51,16 @@ def test_adam_reward_finds_the_planted_signal(corpus):
     assert _series(mem, 'mads/skipped_updates')[-1] == 0
 
 
+def test_adam_reward_refuses_another_optimizer_before_the_first_batch(corpus):
+    from streaming_mads.influence import InfluenceError
+    data, ref = corpus
+    trainer, _, _ = make_trainer(data, ref, console={'reward': 'adam'})
+    trainer.state.optimizers = torch.optim.SGD(trainer.state.model.parameters(), lr=0.1)
+    with pytest.raises(InfluenceError, match='Adam-family optimizer.*SGD.*reward: inner'):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
+
+
 def test_planted_signal_is_found(corpus):
     data, ref = corpus
     mem = InMemoryLogger()

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 from composer.optim import DecoupledAdamW
+from test_influence import lm_batch, make_gpt2
 
 from streaming_mads.influence import (InfluenceError, causal_lm_per_sample_loss, compute_influence,
                                       reference_gradient)
 from streaming_mads.preconditioning import adam_preconditioned
-from tests.test_influence import lm_batch, make_gpt2
 
 
 def _trained(steps: int = 3):
@@ -68,9 +68,15 @@ def test_frozen_parameters_count_zero_and_bad_optimizers_are_named():
         adam_preconditioned(grad, opt)  # Not stepped yet: nothing to precondition with.
     with pytest.raises(InfluenceError, match='Adam-family optimizer.*reward: inner'):
         adam_preconditioned(grad, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(InfluenceError, match="needs the trainer's optimizer"):
+        adam_preconditioned(grad, None)
     model, opt = _trained()
     frozen = model.transformer.wpe.weight
     opt.state.pop(frozen)
+    # A parameter the optimizer does not train at all (in none of its groups) counts zero too.
+    outside = model.transformer.ln_f.weight
+    opt.param_groups[0]['params'] = [p for p in opt.param_groups[0]['params'] if p is not outside]
+    opt.state.pop(outside)
     out = adam_preconditioned(reference_gradient(model, lm_batch(4, seed=2)), opt)
-    assert torch.count_nonzero(out[frozen]) == 0
+    assert torch.count_nonzero(out[frozen]) == 0 and torch.count_nonzero(out[outside]) == 0
     assert torch.count_nonzero(out[model.transformer.wte.weight]) > 0
