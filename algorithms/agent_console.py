@@ -2,7 +2,7 @@
 
 Thin by design: :meth:`AgentConsole.match` decides *when* (fit start; the end of a batch at which
 a weight version is due) and :meth:`AgentConsole.apply` wires Composer's state (model, train
-dataloader, device, logger) into :class:`streaming_mads.console.Console`, which holds the logic.
+dataloader, device, logger) into :class:`streaming_mads.console.console.Console`, which holds the logic.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from streaming_mads.checks import (TokenizerInfo, check_run, check_token_ids, convert_info,
                                    model_vocab_size, spec_tokenizer_info, stream_convert_info,
                                    tokenizer_info)
-from streaming_mads.console import Console, ConsoleConfig, prefetch_depth
-from streaming_mads.dataset import MADSDataset
-from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss, influence_memory
-from streaming_mads.preconditioning import check_adam
+from streaming_mads.console.console import Console, ConsoleConfig, prefetch_depth
+from streaming_mads.selection.dataset import MADSDataset
+from streaming_mads.influence.influence import PerSampleLoss, causal_lm_per_sample_loss, influence_memory
+from streaming_mads.influence.preconditioning import check_adam
 
 __all__ = ['AgentConsole', 'find_mads_dataset', 'load_reference']
 
@@ -68,7 +68,7 @@ def _training_tokenizer(dataset: MADSDataset) -> str:
 
 def _text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
     """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS."""
-    from streaming_mads.convert import convert
+    from streaming_mads.convert.convert import convert
     out = os.path.join(tempfile.mkdtemp(prefix='mads_ref_'), 'reference')
     convert([f'reference={path}'], out, layout='single', seq_len=seq_len, tokenizer=tokenizer,
             progress=False)
@@ -144,7 +144,7 @@ class AgentConsole(Algorithm):
         collate_fn (Callable, optional): Builds a model batch from sample dicts. Defaults to the
             train dataloader's ``collate_fn``.
         **settings: The console's settings, each a field of
-            :class:`~streaming_mads.console.ConsoleConfig` (documented there and in
+            :class:`~streaming_mads.console.console.ConsoleConfig` (documented there and in
             ``docs/configuration.md``): ``update_interval``, ``probe_size``, ``lr_memory``, ...
     """
 

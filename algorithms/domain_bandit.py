@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
-from streaming_mads.bandit import BanditConsole
-from streaming_mads.dataset import MADSDataset
-from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss
+from streaming_mads.console.bandit import BanditConsole
+from streaming_mads.selection.dataset import MADSDataset
+from streaming_mads.influence.influence import PerSampleLoss, causal_lm_per_sample_loss
 
-from algorithms.agent_console import AgentConsole
+from streaming_mads.algorithms.agent_console import AgentConsole
 
 __all__ = ['DomainBandit']
 
@@ -17,7 +17,7 @@ class DomainBandit(AgentConsole):
     """Online data mixing by an EXP3 bandit over domains, rewarded by training loss.
 
     The same schedule, probes, board and checkpointing as :class:`AgentConsole` (so it is a fair,
-    cheap baseline for MADS), with :class:`streaming_mads.bandit.BanditConsole`'s rule instead of
+    cheap baseline for MADS), with :class:`streaming_mads.console.bandit.BanditConsole`'s rule instead of
     influence: no reference set, one forward pass over the probes per update. Use it with a
     ``MADSDataset`` whose agents include ``agent`` and ``temperature: 1``.
 

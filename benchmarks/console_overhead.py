@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from common import build_token_corpus
 
-from algorithms import AgentConsole
+from streaming_mads.algorithms import AgentConsole
 from streaming_mads import MADSDataset
 from streaming_mads.collate import TokenCollator
 from streaming_mads.models import build_causal_lm

@@ -37,7 +37,7 @@ sys.path[:0] = [HERE, ROOT]
 
 from common import build_token_corpus  # noqa: E402
 
-from streaming_mads.influence import (PeakMemory, influence_memory, per_sample_influence,  # noqa: E402
+from streaming_mads.influence.influence import (PeakMemory, influence_memory, per_sample_influence,  # noqa: E402
                                       reference_gradient)
 
 
@@ -60,7 +60,7 @@ class Sizes:
 
 
 def sizes(smoke: bool) -> Sizes:
-    from streaming_mads.train import load_config
+    from streaming_mads.run.train import load_config
     cfg = load_config(os.path.join(ROOT, 'yamls', 'gpu-125m.yaml'))
     console = {k: v for k, v in cfg['algorithms']['mads_console'].items()
                if not k.startswith('reference') or k == 'reference_size'}
@@ -121,7 +121,7 @@ def _train(data: str, ref: str, s: Sizes, micro: int, console: bool) -> tuple[fl
     from composer.loggers import InMemoryLogger
     from torch.utils.data import DataLoader
 
-    from algorithms import AgentConsole
+    from streaming_mads.algorithms import AgentConsole
     from streaming_mads import MADSDataset
     from streaming_mads.collate import TokenCollator
     from streaming_mads.models import build_causal_lm
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument('--cpu-smoke', action='store_true', help='tiny sizes on the CPU')
     args = parser.parse_args()
     s = sizes(args.cpu_smoke)
-    from streaming_mads.train import load_config
+    from streaming_mads.run.train import load_config
     cfg = load_config(os.path.join(ROOT, 'yamls', 'gpu-125m.yaml'))
     cfg_1b = load_config(os.path.join(ROOT, 'yamls', 'gpu-1b.yaml'))
     micro = 4 if args.cpu_smoke else cfg['device_train_microbatch_size']

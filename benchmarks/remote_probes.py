@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from common import build_token_corpus, cached_shards, local_s3, upload_dir
 
-from algorithms import AgentConsole
+from streaming_mads.algorithms import AgentConsole
 from streaming_mads import MADSDataset
 from streaming_mads.collate import TokenCollator
 from streaming_mads.models import build_causal_lm

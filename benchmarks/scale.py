@@ -13,7 +13,7 @@ pieces whose cost or correctness could change with scale, each with the real cod
 2. **Worker-count invariance at 128 x 8 x 8.** Streaming's own partition
    (``get_partitions``, relaxed, py1e shuffle, 128 canonical nodes, pool ``r·B = 32``) is
    computed in-process for each layout, one at a time. Every rank's pools are numbered with
-   :mod:`streaming_mads.pools` and compared with the 8-worker layout for every pool (exhaustive)
+   :mod:`streaming_mads.selection.pools` and compared with the 8-worker layout for every pool (exhaustive)
    and, for a random sample of pools, located *by content* in the other layout and compared in
    (rank, batch, noise key, global batch, weight version). Worker count must not change any of
    them (mismatches must be 0). A same-world layout with another nodes x ranks split
@@ -62,14 +62,14 @@ from streaming import Stream, StreamingDataset
 from streaming.base.partition import get_partitions
 from streaming.base.shuffle import get_shuffle
 
-import streaming_mads.dataset as mads_dataset
-from streaming_mads.agents import Agent, build_agents
-from streaming_mads.board import WeightBoard
+import streaming_mads.selection.dataset as mads_dataset
+from streaming_mads.selection.agents import Agent, build_agents
+from streaming_mads.selection.board import WeightBoard
 from streaming_mads.labels import LabelColumn, LabelStore, StreamLabels, labels_dir, score, \
     write_labels
-from streaming_mads.pools import batch_in_epoch, global_batch, log_positions, noise_key
-from streaming_mads.rewards import stratified_probe
-from streaming_mads.selection import combined_scores, gumbel_noise, gumbel_topk, score_tables
+from streaming_mads.selection.pools import batch_in_epoch, global_batch, log_positions, noise_key
+from streaming_mads.console.rewards import stratified_probe
+from streaming_mads.selection.scores import combined_scores, gumbel_noise, gumbel_topk, score_tables
 
 BATCH = 8  # Device batch size B.
 RATIO = 4  # Pool ratio r: a pool holds r·B candidates.

@@ -1,9 +1,9 @@
 """streaming-mads: online multi-agent collaborative data selection for Streaming and Composer."""
 
-from streaming_mads.agents import (Agent, BinnedAgent, CategoricalAgent, DomainAgent, QualityAgent,
+from streaming_mads.selection.agents import (Agent, BinnedAgent, CategoricalAgent, DomainAgent, QualityAgent,
                                    TopicAgent, build_agent)
-from streaming_mads.board import VersionTimeoutError, WeightBoard, Weights
-from streaming_mads.dataset import MADSDataset
+from streaming_mads.selection.board import VersionTimeoutError, WeightBoard, Weights
+from streaming_mads.selection.dataset import MADSDataset
 from streaming_mads.labels import LabelError, categorical, score, write_labels
 
 __version__ = '0.1.0'

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from streaming_mads.convert import (CONVERT_INFO_NAME, ConvertError, find_convert_info,
+from streaming_mads.convert.convert import (CONVERT_INFO_NAME, ConvertError, find_convert_info,
                                     read_convert_info)
 
 __all__ = ['TokenizerMismatchError', 'TokenizerInfo', 'convert_info', 'stream_convert_info',
@@ -268,7 +268,7 @@ def check_token_ids(samples: Sequence[dict], model_vocab: Optional[int], where: 
 def dataset_streams(dataset: Any) -> list[Any]:
     """The ``Stream`` objects of a built dataset (none for a dataset without streams).
 
-    Not :func:`streaming_mads.foundry.streams_from_config`: this reads a dataset already built, that
+    Not :func:`streaming_mads.run.foundry.streams_from_config`: this reads a dataset already built, that
     builds streams from a config.
 
     Args:

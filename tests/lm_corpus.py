@@ -67,7 +67,7 @@ def make_trainer(data: str, reference: str, *, max_duration: str = '48ba', seed:
     from composer.utils import reproducibility
     from torch.utils.data import DataLoader
 
-    from algorithms import AgentConsole
+    from streaming_mads.algorithms import AgentConsole
     from streaming_mads import MADSDataset
     from streaming_mads.collate import TokenCollator
     from streaming_mads.models import build_causal_lm

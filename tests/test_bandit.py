@@ -12,7 +12,7 @@ from composer.loggers import InMemoryLogger
 from lm_corpus import SEQ, VOCAB, write_corpus
 from torch.utils.data import DataLoader
 
-from streaming_mads.bandit import exp3_policy, exp3_update, exploration_rate, memory_for_shares
+from streaming_mads.console.bandit import exp3_policy, exp3_update, exploration_rate, memory_for_shares
 
 
 def test_exp3_math():
@@ -30,7 +30,7 @@ def test_exp3_math():
 
 
 def test_domain_bandit_moves_toward_the_highest_loss_domain(tmp_path):
-    from algorithms import DomainBandit
+    from streaming_mads.algorithms import DomainBandit
     from streaming_mads import MADSDataset
     from streaming_mads.collate import TokenCollator
     from streaming_mads.models import build_causal_lm

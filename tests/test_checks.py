@@ -14,9 +14,9 @@ import pytest
 from streaming import MDSWriter
 
 from streaming_mads.checks import TokenizerMismatchError
-from streaming_mads.convert import convert, read_convert_info
+from streaming_mads.convert.convert import convert, read_convert_info
 from streaming_mads.labels import score, write_labels
-from streaming_mads.train import ConfigError, build_trainer
+from streaming_mads.run.train import ConfigError, build_trainer
 
 SEQ = 16
 WORDS_A = 'the data model loader stream shard agent weight sample token batch epoch'.split()
@@ -118,7 +118,7 @@ def test_unknown_model_key_is_an_error(sets):
 
 
 def test_unknown_console_setting_names_the_closest():
-    from algorithms import AgentConsole
+    from streaming_mads.algorithms import AgentConsole
     with pytest.raises(ValueError, match="no setting 'lr_thta': did you mean 'lr_theta'"):
         AgentConsole(reference='unused', lr_thta=2.0)
     with pytest.raises(ValueError, match="no setting 'zzz'.*lr_memory"):
@@ -132,7 +132,7 @@ def _python_trainer(data: str, reference: str):
     from composer import Trainer
     from torch.utils.data import DataLoader
 
-    from algorithms import AgentConsole
+    from streaming_mads.algorithms import AgentConsole
     from streaming_mads import MADSDataset
     from streaming_mads.collate import TokenCollator
     from streaming_mads.models import build_causal_lm

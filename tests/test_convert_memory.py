@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from streaming_mads.convert import convert, text_pieces
+from streaming_mads.convert.convert import convert, text_pieces
 from streaming_mads.tokenizer import train_bpe
 
 MB = 1 << 20

@@ -13,7 +13,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
 from streaming_mads import MADSDataset
-from streaming_mads.selection import centred_log_weights
+from streaming_mads.selection.scores import centred_log_weights
 
 B = 4
 

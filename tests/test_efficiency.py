@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from streaming_mads.demo import costs_to_reach
+from streaming_mads.run.demo import costs_to_reach
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           'benchmarks')

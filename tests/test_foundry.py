@@ -20,9 +20,9 @@ from composer.core import DataSpec
 from conftest import DOMAINS, write_labelled_stream
 from streaming import MDSWriter
 
-from algorithms import AgentConsole
+from streaming_mads.algorithms import AgentConsole
 from streaming_mads import MADSDataset, categorical, write_labels
-from streaming_mads.foundry import TextCollator, build_mads_dataloader, count_tokens
+from streaming_mads.run.foundry import TextCollator, build_mads_dataloader, count_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4
@@ -284,7 +284,7 @@ def test_foundry_loads_a_converted_tokenizer(foundry, tmp_path):
     ``build_tokenizer``, which must load the BPE ``mads convert --tokenizer train`` saved."""
     from llmfoundry.utils.builders import build_tokenizer
 
-    from streaming_mads.convert import convert
+    from streaming_mads.convert.convert import convert
     from streaming_mads.tokenizer import load_tokenizer
     text = ' '.join(f'w{i % 40} and w{(i * 7) % 40}.' for i in range(400))
     (tmp_path / 'docs.txt').write_text(text)

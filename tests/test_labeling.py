@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from streaming_mads import labeling
-from streaming_mads.cli import main
-from streaming_mads.convert import convert, read_convert_info
-from streaming_mads.labeling import LabelingError, discover_streams, label_dataset
+from streaming_mads.run.cli import main
+from streaming_mads.convert.convert import convert, read_convert_info
+from streaming_mads.labeling.label import LabelingError, discover_streams, label_dataset
 from streaming_mads.labels import LabelError, LabelStore, StreamLabels
 
 SPACE = 'planet star orbit galaxy telescope comet nebula astronomer moon solar'.split()
@@ -344,7 +344,7 @@ def test_corrupt_shards_and_label_files_are_refused(corpus, tmp_path, capsys):
 
 def test_similarity_to_a_reference_ranks_its_theme_first_and_resumes(corpus, tmp_path, monkeypatch,
                                                                      capsys):
-    from streaming_mads.agents import build_agent
+    from streaming_mads.selection.agents import build_agent
     out = tmp_path / 'out'
     _convert(corpus, out)
     # The reference: new prose about space, converted the same way (the science stream's theme).

@@ -28,7 +28,7 @@ def test_write_and_read_round_trip(mds_dir):
 
 
 def test_a_missing_column_names_the_command_that_writes_it(mds_dir):
-    from streaming_mads.agents import build_agent
+    from streaming_mads.selection.agents import build_agent
     labels = StreamLabels(mds_dir, 600, 'data')
     store = LabelStore([labels], np.zeros(1, np.int64))
     with pytest.raises(LabelError, match='mads label DATA --reference REF'):

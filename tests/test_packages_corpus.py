@@ -8,7 +8,7 @@ import os
 import pytest
 from files import file_tree
 
-from streaming_mads.packages_corpus import DOMAINS, SHARES, build_packages_text
+from streaming_mads.corpora.packages import DOMAINS, SHARES, build_packages_text
 
 CODE_BYTES = 60_000
 REFERENCE_BYTES = 15_000
@@ -75,7 +75,7 @@ def test_sizes_stay_within_limits(corpus):
 
 def test_prepared_packages_corpus_opens_as_a_mads_dataset(tmp_path):
     from streaming_mads import MADSDataset
-    from streaming_mads.demo import prepare_data
+    from streaming_mads.run.demo import prepare_data
 
     paths = prepare_data(str(tmp_path), code_bytes=CODE_BYTES, seq_len=64, vocab_size=512,
                          progress=False, corpus='packages')

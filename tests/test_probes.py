@@ -16,9 +16,9 @@ from streaming import MDSWriter, Stream
 from torch.utils.data import DataLoader
 
 from streaming_mads import MADSDataset, categorical, score, write_labels
-from streaming_mads.board import WeightBoard
-from streaming_mads.console import Console, ConsoleConfig
-from streaming_mads.pools import log_positions
+from streaming_mads.selection.board import WeightBoard
+from streaming_mads.console.console import Console, ConsoleConfig
+from streaming_mads.selection.pools import log_positions
 
 SIZES = (600_000, 300_000, 100_000)  # Unequal streams, written one after another.
 PROPORTIONS = (0.2, 0.3, 0.5)  # The smallest stream is upsampled 5x (Streaming repeats it).

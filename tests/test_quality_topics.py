@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from streaming_mads.quality import (QualityError, default_scorer, heuristic_quality, load_scorer,
+from streaming_mads.labeling.quality import (QualityError, default_scorer, heuristic_quality, load_scorer,
                                     quality_signals, score_texts)
-from streaming_mads.topics import (NUM_BUCKETS, TopicError, TopicModel, idf_from_df, kmeans,
+from streaming_mads.labeling.topics import (NUM_BUCKETS, TopicError, TopicModel, idf_from_df, kmeans,
                                    resolve_embedder, term_rows, tfidf_embed, top_terms, topic_names)
 
 CLEAN = [

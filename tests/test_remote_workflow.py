@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
 from common import local_s3, upload_dir  # noqa: E402
 
 from streaming_mads.checks import REMOTE_CONVERT_DIRNAME  # noqa: E402
-from streaming_mads.cli import main  # noqa: E402
-from streaming_mads.convert import convert  # noqa: E402
-from streaming_mads.train import build_trainer  # noqa: E402
+from streaming_mads.run.cli import main  # noqa: E402
+from streaming_mads.convert.convert import convert  # noqa: E402
+from streaming_mads.run.train import build_trainer  # noqa: E402
 
 SEQ = 16
 WORDS = 'the data model loader stream shard agent weight sample token batch epoch'.split()

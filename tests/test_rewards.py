@@ -1,14 +1,14 @@
-"""The console's update rule (`streaming_mads.rewards`) as plain functions."""
+"""The console's update rule (`streaming_mads.console.rewards`) as plain functions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from streaming_mads.agents import multiplicative_update
-from streaming_mads.rewards import (THETA_RIDGE, predictiveness, reward_signal, standardize,
+from streaming_mads.selection.agents import multiplicative_update
+from streaming_mads.console.rewards import (THETA_RIDGE, predictiveness, reward_signal, standardize,
                                     stratified_probe, update_theta, update_weights, value_effects)
-from streaming_mads.selection import centred_log_weights
+from streaming_mads.selection.scores import centred_log_weights
 
 
 def test_standardize_and_reward_signal():

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from streaming_mads.agents import BinnedAgent, CategoricalAgent, build_agent, multiplicative_update
-from streaming_mads.board import VersionEvictedError, VersionTimeoutError, WeightBoard
-from streaming_mads.selection import (centred_log_weights, combined_scores, gumbel_noise,
+from streaming_mads.selection.agents import BinnedAgent, CategoricalAgent, build_agent, multiplicative_update
+from streaming_mads.selection.board import VersionEvictedError, VersionTimeoutError, WeightBoard
+from streaming_mads.selection.scores import (centred_log_weights, combined_scores, gumbel_noise,
                                       gumbel_topk, score_tables)
 
 
@@ -189,7 +189,7 @@ def test_dataset_selects_with_the_agents_own_score_table(mds_dir):
 
 @pytest.mark.parametrize('tau', [0.0, 0.5, 2.0])
 def test_simulated_keep_matches_the_loaders_selection(tau):
-    from streaming_mads.selection import repeat_penalized, simulate_keep
+    from streaming_mads.selection.scores import repeat_penalized, simulate_keep
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 64 * 400)
     table = np.array([2.0, 0.5, 0.0, -1.0])

@@ -1,10 +1,10 @@
-"""Reference similarity (``streaming_mads.similarity``): the label that carries a reference theme."""
+"""Reference similarity (``streaming_mads.labeling.similarity``): the label that carries a reference theme."""
 
 import numpy as np
 import pytest
 
-from streaming_mads.similarity import SimilarityError, SimilarityModel, fit_similarity
-from streaming_mads.topics import term_rows
+from streaming_mads.labeling.similarity import SimilarityError, SimilarityModel, fit_similarity
+from streaming_mads.labeling.topics import term_rows
 
 THEME = 'tensor array gradient matrix algebra numerical kernel broadcast dtype'.split()
 OTHER = ('request response server socket header cookie session proxy retry timeout license '

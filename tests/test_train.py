@@ -12,8 +12,8 @@ import pytest
 import torch
 from lm_corpus import write_corpus, write_reference
 
-from streaming_mads.cli import main
-from streaming_mads.train import ConfigError, build_trainer, load_config
+from streaming_mads.run.cli import main
+from streaming_mads.run.train import ConfigError, build_trainer, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'yamls', 'quickstart-cpu.yaml')
@@ -28,10 +28,10 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, extra=()):
     data, ref = corpus
-    return [f'train_loader.dataset.local={data}', f'algorithms.mads_console.reference={ref}',
+    return [f'train_loader.dataset.local={data}', f'streaming_mads.algorithms.mads_console.reference={ref}',
             f'eval_loaders=[{{label: reference, dataset: {{local: {ref}}}}}]',
             'model.vocab_size=32', 'max_seq_len=16', 'model.n_embd=32', 'global_train_batch_size=8',
-            'algorithms.mads_console.update_interval=4', 'eval_interval=4ba',
+            'streaming_mads.algorithms.mads_console.update_interval=4', 'eval_interval=4ba',
             'scheduler.t_warmup=2ba', *extra]
 
 
@@ -74,13 +74,13 @@ def test_uniform_baseline_yaml_runs(corpus):
     ('train_loader.name=nope', 'train_loader.name must be mads or streaming'),
     ('optimizer.name=adagrad', 'optimizer.name'),
     ('train_loader.dataset.pool_ratio=0.5', 'pool_ratio'),
-    ('algorithms.mads_console.update_interval=0', 'update_interval'),
-    ('algorithms.mads_console.probe_sizee=3', "algorithms.mads_console: .*probe_sizee"),
+    ('streaming_mads.algorithms.mads_console.update_interval=0', 'update_interval'),
+    ('streaming_mads.algorithms.mads_console.probe_sizee=3', "algorithms.mads_console: .*probe_sizee"),
     ('global_train_batch_size=null', 'global_train_batch_size'),
-    ('algorithms.bandit={}', 'mads_console and domain_bandit'),
-    ('algorithms.domain_bandit={update_interval: 5}', 'not both'),
+    ('streaming_mads.algorithms.bandit={}', 'mads_console and domain_bandit'),
+    ('streaming_mads.algorithms.domain_bandit={update_interval: 5}', 'not both'),
     ('algorithms={domain_bandit: {decay: 1.5}}', 'decay'),
-    ('algorithms.mads_console.reward=dot', 'reward'),
+    ('streaming_mads.algorithms.mads_console.reward=dot', 'reward'),
 ])
 def test_config_errors_name_the_key(corpus, override, match):
     with pytest.raises((ConfigError, ValueError), match=match):
@@ -100,7 +100,7 @@ def test_two_processes_under_composer_launcher(corpus, tmp_path):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     proc = subprocess.run([launcher, '-n', '2', '--master_port', '29731', '--stdout',
                            f'{tmp_path}/rank{{rank}}.out', '--stderr', f'{tmp_path}/rank{{rank}}.err',
-                           '-m', 'streaming_mads.cli', 'train', QUICKSTART, *args],
+                           '-m', 'streaming_mads.run.cli', 'train', QUICKSTART, *args],
                           env=env, capture_output=True, text=True, timeout=600)
     logs = ''.join(open(os.path.join(tmp_path, f'rank{r}.err')).read()[-3000:] for r in range(2)
                    if os.path.exists(os.path.join(tmp_path, f'rank{r}.err')))
@@ -115,8 +115,8 @@ def test_two_processes_under_composer_launcher(corpus, tmp_path):
 
 
 def test_demo_pipeline_on_a_reduced_budget(tmp_path):
-    from streaming_mads.demo import run_demo
-    from streaming_mads.demo_corpus import DOMAINS, build_demo_text
+    from streaming_mads.run.demo import run_demo
+    from streaming_mads.corpora.demo import DOMAINS, build_demo_text
 
     text = build_demo_text(os.path.join(tmp_path, 'text'), code_bytes=100_000)
     for domain in DOMAINS:
@@ -125,7 +125,7 @@ def test_demo_pipeline_on_a_reduced_budget(tmp_path):
     assert not set(os.listdir(text.reference)) & set(os.listdir(text.evaluation))
     out = os.path.join(tmp_path, 'demo')
     results = run_demo(out, budget='12ba', code_bytes=150_000, seq_len=64, vocab_size=512,
-                       progress=False, overrides=['algorithms.mads_console.update_interval=5',
+                       progress=False, overrides=['streaming_mads.algorithms.mads_console.update_interval=5',
                                                   'eval_interval=6ba'])
     assert results['mads']['batches'] == results['uniform']['batches'] == 12
     assert results['mads']['tokens'] == results['uniform']['tokens']
@@ -151,10 +151,10 @@ def test_gpu_yamls_only_use_known_settings(name):
 
     from streaming import Stream, StreamingDataset
 
-    from algorithms import AgentConsole
+    from streaming_mads.algorithms import AgentConsole
     from streaming_mads import MADSDataset
     from streaming_mads.models import PRESETS
-    from streaming_mads.train import TOP_LEVEL
+    from streaming_mads.run.train import TOP_LEVEL
 
     cfg = load_config(os.path.join(ROOT, 'yamls', name))
     assert set(cfg) <= TOP_LEVEL

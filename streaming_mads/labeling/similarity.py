@@ -12,7 +12,7 @@ top 5%) means the same on every corpus.
 
 The model, all in numpy:
 
-* words are :func:`streaming_mads.topics.term_rows`' hashed words, folded into ``2**16``
+* words are :func:`streaming_mads.labeling.topics.term_rows`' hashed words, folded into ``2**16``
   buckets (enough for a reference of a few thousand documents; fewer buckets than words only
   merges rare words);
 * the corpus distribution ``p_raw`` is the bucket frequencies of a seeded subsample of the
@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.topics import TermRows, term_rows
+from streaming_mads.labeling.topics import TermRows, term_rows
 
 __all__ = ['SimilarityError', 'SimilarityModel', 'SIMILARITY_BUCKETS', 'DEFAULT_PRIOR_WORDS',
            'bucket_counts', 'fit_similarity']

@@ -14,7 +14,7 @@ llm-foundry train YAML can say::
 The entry points (declared in ``pyproject.toml``) are::
 
     [project.entry-points."llmfoundry_dataloaders"]
-    mads = "streaming_mads.foundry:build_mads_dataloader"
+    mads = "streaming_mads.run.foundry:build_mads_dataloader"
 
     [project.entry-points."llmfoundry_algorithms"]
     mads_console = "algorithms.agent_console:AgentConsole"
@@ -135,7 +135,7 @@ def streams_from_config(streams: Any,
                         where: str = 'train_loader.dataset.streams') -> Optional[list[Any]]:
     """llm-foundry's ``streams: {name: {remote, local, ...}}`` (or a list) as Stream objects.
 
-    Used by this dataloader and by ``mads train`` (:mod:`streaming_mads.train`), whose YAML has the
+    Used by this dataloader and by ``mads train`` (:mod:`streaming_mads.run.train`), whose YAML has the
     same ``streams`` section.
 
     Args:
@@ -230,7 +230,7 @@ def build_mads_dataloader(tokenizer: Any = None,
     Returns:
         DataSpec: The DataLoader with llm-foundry-style token counting.
     """
-    from streaming_mads.dataset import MADSDataset
+    from streaming_mads.selection.dataset import MADSDataset
 
     if not dataset:
         raise ValueError('The mads dataloader needs a `dataset` config (remote/local or streams, '

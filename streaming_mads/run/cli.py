@@ -20,13 +20,13 @@ __all__ = ['main', 'build_parser', 'Subcommand', 'SUBCOMMANDS']
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story (they name the fix)."""
     from streaming_mads.checks import TokenizerMismatchError
-    from streaming_mads.convert import ConvertError
-    from streaming_mads.labeling import LabelingError
+    from streaming_mads.convert.convert import ConvertError
+    from streaming_mads.labeling.label import LabelingError
     from streaming_mads.labels import LabelError
-    from streaming_mads.quality import QualityError
+    from streaming_mads.labeling.quality import QualityError
     from streaming_mads.tokenizer import TokenizerError
-    from streaming_mads.topics import TopicError
-    from streaming_mads.train import ConfigError
+    from streaming_mads.labeling.topics import TopicError
+    from streaming_mads.run.train import ConfigError
     return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError,
             ConfigError, TokenizerMismatchError)
 
@@ -44,7 +44,7 @@ def _progress_flag(args: argparse.Namespace) -> Optional[bool]:
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
-    from streaming_mads.convert import DEFAULT_INCLUDE
+    from streaming_mads.convert.convert import DEFAULT_INCLUDE
     p.add_argument('inputs', nargs='+', metavar='[DOMAIN=]PATH',
                    help='jsonl file (.jsonl/.jsonl.gz/.jsonl.zst), text file, or directory '
                    '(searched recursively); DOMAIN defaults to the file or directory name')
@@ -80,7 +80,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from streaming_mads.convert import convert
+    from streaming_mads.convert.convert import convert
     summary = convert(
         args.inputs, args.out, mode=args.mode, layout=args.layout, seq_len=args.seq_len,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eos_token=args.eos_token,
@@ -139,7 +139,7 @@ def _add_label(p: argparse.ArgumentParser) -> None:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    from streaming_mads.labeling import label_dataset
+    from streaming_mads.labeling.label import label_dataset
     report = label_dataset(
         args.dataset, local=args.local, split=args.split,
         columns=_split(args.columns) if args.columns else None, reference=args.reference,
@@ -164,7 +164,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from streaming_mads.labeling import inspect_dataset
+    from streaming_mads.labeling.label import inspect_dataset
     print(inspect_dataset(args.dataset, local=args.local, split=args.split))
     return 0
 
@@ -176,7 +176,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from streaming_mads.train import train
+    from streaming_mads.run.train import train
     train(args.config, args.overrides)
     return 0
 
@@ -190,7 +190,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from streaming_mads.demo import run_demo
+    from streaming_mads.run.demo import run_demo
     run_demo(args.out, budget=args.budget, progress=not args.no_progress,
              reuse_data=not args.rebuild)
     return 0

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from streaming_mads.console import Console, ConsoleConfig, all_gather, metric_token, rank_world
-from streaming_mads.influence import PerSampleLoss, _influence_mode, _unwrap_ddp
+from streaming_mads.console.console import Console, ConsoleConfig, metric_token
+from streaming_mads.distributed import all_gather_object, rank_world
+from streaming_mads.influence.influence import PerSampleLoss, _influence_mode, _unwrap_ddp
 
 __all__ = ['exploration_rate', 'exp3_policy', 'exp3_update', 'memory_for_shares', 'BanditConsole']
 
@@ -76,7 +77,7 @@ def _mean_by_domain(ids: NDArray, losses: NDArray, arms: int) -> NDArray[np.floa
 
 
 class BanditConsole(Console):
-    """A :class:`~streaming_mads.console.Console` whose update is ODM's EXP3 over one agent.
+    """A :class:`~streaming_mads.console.console.Console` whose update is ODM's EXP3 over one agent.
 
     Args:
         config (ConsoleConfig): Schedule and probe settings (``update_interval``, ``lead``,
@@ -135,7 +136,7 @@ class BanditConsole(Console):
         agent = self.dataset.agents[arm]
         probe_ids, owners = self.draw_probe(version)
         losses = np.empty(len(probe_ids), np.float64)
-        for r, part in enumerate(all_gather(self._losses(model, probe_ids[owners == rank]))):
+        for r, part in enumerate(all_gather_object(self._losses(model, probe_ids[owners == rank]))):
             losses[owners == r] = part
         if len(probe_ids) and np.all(np.isfinite(losses)):
             by_arm = _mean_by_domain(self.dataset.label_ids(probe_ids)[arm], losses,

@@ -5,7 +5,7 @@ and the versions published so far. Its :meth:`Console.step` is one update: draw 
 set from candidates the ranks' workers logged since the last update (data each rank already read,
 so probes cost no extra download and represent exactly what the loader samples), measure each
 probe's influence on the reference loss with the live model on the rank that owns it, combine
-across ranks, update memories and θ (:mod:`streaming_mads.rewards`) and publish the next version.
+across ranks, update memories and θ (:mod:`streaming_mads.console.rewards`) and publish the next version.
 ``algorithms.AgentConsole`` only decides *when* to call it and wires Composer's state into it.
 """
 
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from streaming_mads.dataset import MADSDataset
-from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
-from streaming_mads.preconditioning import adam_preconditioned
-from streaming_mads.rewards import REWARDS, Update, reward_signal, stratified_probe, update_weights
-from streaming_mads.selection import combined_scores, repeat_penalized, simulate_keep
+from streaming_mads.distributed import all_gather_object, broadcast_object, rank_world
+from streaming_mads.selection.dataset import MADSDataset
+from streaming_mads.influence.influence import PerSampleLoss, compute_influence, reference_gradient
+from streaming_mads.influence.preconditioning import adam_preconditioned
+from streaming_mads.console.rewards import REWARDS, Update, reward_signal, stratified_probe, update_weights
+from streaming_mads.selection.scores import combined_scores, repeat_penalized, simulate_keep
 
-__all__ = ['ConsoleConfig', 'Console', 'prefetch_depth', 'metric_token', 'rank_world', 'all_gather']
+__all__ = ['ConsoleConfig', 'Console', 'prefetch_depth', 'metric_token']
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ConsoleConfig:
         reward (str): ``'inner'`` (influence ``⟨∇ℓ(x), ∇L_R⟩``), ``'cosine'`` (divided by
             ``|∇ℓ(x)|``, so high-loss samples with large gradients do not dominate) or ``'adam'``
             (the influence of an Adam step: the reference gradient preconditioned by the
-            trainer's Adam second moments; :mod:`streaming_mads.preconditioning`). Defaults to
+            trainer's Adam second moments; :mod:`streaming_mads.influence.preconditioning`). Defaults to
             ``'inner'``.
         value_prior (float): Pseudo-probes of reward 0 behind every label value's estimate, so a
             value seen in few probes moves its memory little. Defaults to ``4``.
@@ -162,32 +163,6 @@ def prefetch_depth(dataloader: Any) -> int:
     return workers * int(getattr(dataloader, 'prefetch_factor', None) or 2)
 
 
-def rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (``value`` itself without a process group)."""
-    rank, world = rank_world()
-    if world == 1:
-        return value
-    box = [value if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order (just ``[value]`` without a process group)."""
-    _, world = rank_world()
-    if world == 1:
-        return [value]
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 class Console:
     """θ, the schedule and the published versions of one run (one per rank, all identical).
 
@@ -290,7 +265,7 @@ class Console:
 
         Estimated by replaying the selection of the published weights on simulated pools of the
         window's gathered candidates (a uniform draw of the pools the ranks dealt;
-        :func:`~streaming_mads.selection.simulate_keep`): the same numbers on every rank, for
+        :func:`~streaming_mads.selection.scores.simulate_keep`): the same numbers on every rank, for
         any number of workers, and restored from checkpoints, where counting in the workers
         would depend on how far they prefetched.
         """
@@ -373,7 +348,7 @@ class Console:
         """
         assert self.dataset is not None
         cfg = self.config
-        parts = all_gather(self.local_candidates(version))
+        parts = all_gather_object(self.local_candidates(version))
         owners = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         candidates = np.concatenate(parts).astype(np.int64)
         self._probe_candidates = len(candidates)
@@ -436,7 +411,7 @@ class Console:
             grad = adam_preconditioned(grad, optimizer)
         inner = np.empty(len(probe_ids), np.float64)
         norms = np.empty(len(probe_ids), np.float64)
-        measured = all_gather(self._measure(model, probe_ids[owners == rank], grad))
+        measured = all_gather_object(self._measure(model, probe_ids[owners == rank], grad))
         for r, (part, part_norms) in enumerate(measured):
             inner[owners == r] = part
             if part_norms is not None:
@@ -455,7 +430,7 @@ class Console:
             if cfg.repeat_penalty > 0:
                 self.count_kept(version)
             result = (update, [a.memory for a in agents], self.kept)
-        update, memories, self.kept = _broadcast(result)
+        update, memories, self.kept = broadcast_object(result)
         if update is None:
             self.skipped += 1
             why = 'no probe candidates were logged' if not len(probe_ids) else \
@@ -546,7 +521,7 @@ class Console:
                 (collective: call on every rank), so a resumed run draws the same probes.
         """
         agents = self.dataset.agents if self.dataset is not None else []
-        log = all_gather(self._log_to_save(batches_done)) if batches_done is not None else []
+        log = all_gather_object(self._log_to_save(batches_done)) if batches_done is not None else []
         return {
             'config': asdict(self.config),
             'theta': self.theta.tolist(),

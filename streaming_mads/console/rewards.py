@@ -18,7 +18,7 @@ Given the influence of each probe sample on the reference loss, one update:
    memories learn from the same rewards, so an agent with many values cannot win by fitting
    noise, and correlated agents do not both take the credit of one),
 4. returns the statistics the console logs; each agent then moves its own memory from its
-   value effects (:meth:`streaming_mads.agents.Agent.update`).
+   value effects (:meth:`streaming_mads.selection.agents.Agent.update`).
 
 Everything is deterministic numpy on gathered inputs; the console computes it on rank 0 and
 broadcasts the result, so every rank holds the same bytes even on nodes whose math libraries
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: Reward kinds: the raw influence ``⟨∇ℓ(x), ∇L_R⟩``, its cosine (divided by ``|∇ℓ(x)|``), or
-#: the influence of an Adam step, ``⟨∇ℓ(x), P ∇L_R⟩`` (:mod:`streaming_mads.preconditioning`).
+#: the influence of an Adam step, ``⟨∇ℓ(x), P ∇L_R⟩`` (:mod:`streaming_mads.influence.preconditioning`).
 REWARDS = ('inner', 'cosine', 'adam')
 
 #: Ridge of the θ regression (in units of the standardised scores' variance): keeps two agents
@@ -183,7 +183,7 @@ def update_weights(tables: Sequence[NDArray], theta: NDArray, probe_label_ids: S
 
     Args:
         tables (Sequence[NDArray]): Each agent's current score table ``ŝ_a`` (its
-            :meth:`~streaming_mads.agents.Agent.score_table`), before this round's update.
+            :meth:`~streaming_mads.selection.agents.Agent.score_table`), before this round's update.
         theta (NDArray): θ before the update.
         probe_label_ids (Sequence[NDArray]): Each agent's label value id of every probe.
         rewards (NDArray): Reward of every probe (see :func:`reward_signal`).

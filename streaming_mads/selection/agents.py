@@ -3,12 +3,12 @@
 An agent is the paper's unit of data-selection knowledge. It reads one sidecar label column,
 turns the raw value into a *label value* id (a category, or the bin of a continuous score) and
 holds a **memory**: one positive weight per label value. Its score of a sample is the centred
-log of the weight of the sample's value (see :mod:`streaming_mads.selection`).
+log of the weight of the sample's value (see :mod:`streaming_mads.selection.scores`).
 
 An agent is also the one owner of how its memory is read and moved: the dataset's workers turn
 each published memory into selection scores with :meth:`Agent.score_table`, and the console moves
 the memory with :meth:`Agent.update` from the per-value reward estimates of
-:mod:`streaming_mads.rewards`; a subclass that overrides either changes what the run does.
+:mod:`streaming_mads.console.rewards`; a subclass that overrides either changes what the run does.
 Adding a selection method is adding an agent over a new column::
 
     agents:
@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streaming_mads.labels import CATEGORICAL, SCORE, LabelError, LabelStore
-from streaming_mads.selection import centred_log_weights
+from streaming_mads.selection.scores import centred_log_weights
 
 __all__ = [
     'Agent', 'CategoricalAgent', 'BinnedAgent', 'QualityAgent', 'DomainAgent', 'TopicAgent',
@@ -132,7 +132,7 @@ class Agent:
 
         The dataset's workers call this on every published version (in the worker, on the
         memory read from the board), so it must be a pure function of the memory and the
-        agent's fixed label statistics. Default: :func:`~streaming_mads.selection.centred_log_weights`.
+        agent's fixed label statistics. Default: :func:`~streaming_mads.selection.scores.centred_log_weights`.
         """
         return centred_log_weights(self.memory if memory is None else memory, self.freq)
 
@@ -145,7 +145,7 @@ class Agent:
         """Move the memory by a multiplicative-weights step on per-value reward estimates.
 
         The console calls this once per update with the estimates of
-        :func:`streaming_mads.rewards.value_effects` (0 for a value no probe measured, which
+        :func:`streaming_mads.console.rewards.value_effects` (0 for a value no probe measured, which
         then keeps its weight relative to the mean). Returns the new memory.
 
         Args:
@@ -271,7 +271,7 @@ class TopicAgent(CategoricalAgent):
 class SimilarityAgent(BinnedAgent):
     """Reference similarity: bins of the percentile of a sample's likelihood ratio, reference
     to corpus (column ``similarity``, written by ``mads label --reference``; see
-    :mod:`streaming_mads.similarity`). It carries a reference theme that no domain or topic holds."""
+    :mod:`streaming_mads.labeling.similarity`). It carries a reference theme that no domain or topic holds."""
 
     def __init__(self, name: str = 'similarity', column: str = 'similarity',
                  edges: Sequence[float] = DEFAULT_SIMILARITY_EDGES) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.label_streams import StreamRef
+from streaming_mads.labeling.streams import StreamRef
 from streaming_mads.labels import LabelColumn, LabelError, StreamLabels, categorical, labels_dir
-from streaming_mads.topics import TermRows
+from streaming_mads.labeling.topics import TermRows
 
 __all__ = ['WORK_DIRNAME', 'TOPICS_DIRNAME', 'SIMILARITY_DIRNAME', 'WORK_VERSION', 'work_key', 'prepare_work',
            'merge_domains', 'concat_rows', 'validate_labels']

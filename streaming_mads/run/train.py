@@ -8,7 +8,7 @@ the ODM-style baseline), optimizer, scheduler,
 duration, loggers, callbacks, checkpointing and FSDP settings passed to Composer. Command-line
 ``key.sub=value`` overrides are parsed as YAML values. Every error names the offending key.
 
-Under ``composer -n N -m streaming_mads.cli train CONFIG.yaml`` each process builds the same
+Under ``composer -n N -m streaming_mads.run.cli train CONFIG.yaml`` each process builds the same
 Trainer; Composer sets up torch.distributed (gloo on CPU, nccl on GPU) and Streaming partitions
 the data across ranks.
 """
@@ -16,12 +16,13 @@ the data across ranks.
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import os
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-__all__ = ['ConfigError', 'load_config', 'apply_overrides', 'build_trainer', 'train']
+__all__ = ['ConfigError', 'find_config', 'shipped_configs', 'load_config', 'apply_overrides', 'build_trainer', 'train']
 
 TOP_LEVEL = {
     'run_name', 'seed', 'max_seq_len', 'model', 'tokenizer', 'train_loader', 'eval_loaders',
@@ -38,15 +39,41 @@ class ConfigError(ValueError):
     """A run configuration is invalid; the message names the key."""
 
 
+def shipped_configs() -> list[str]:
+    """Names of the run YAMLs installed with the package (``streaming_mads.yamls``)."""
+    root = importlib.resources.files('streaming_mads.yamls')
+    return sorted(p.name for p in root.iterdir() if p.name.endswith('.yaml'))
+
+
+def find_config(path: str) -> str:
+    """The YAML a user named: a file that exists, else a shipped config of that name.
+
+    So ``mads train quickstart-cpu.yaml`` works from a wheel install, where ``yamls/`` sits in
+    site-packages, not in the working directory. A local file always wins over a shipped one.
+
+    Args:
+        path (str): A file path, or the name of a shipped config (with or without ``.yaml``).
+
+    Returns:
+        str: The text of the config (read now, so an installed zip or wheel works as well).
+    """
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    name = os.path.basename(path)
+    name = name if name.endswith('.yaml') else f'{name}.yaml'
+    if name in shipped_configs() and os.path.dirname(path) in ('', 'yamls'):
+        return importlib.resources.files('streaming_mads.yamls').joinpath(name).read_text('utf-8')
+    raise ConfigError(f'Config file {path!r} does not exist, and no shipped config has that name '
+                      f'(shipped: {", ".join(shipped_configs())}).')
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML run config and apply ``key.sub=value`` overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f'Config file {path!r} does not exist.')
-    with open(path) as f:
-        try:
-            cfg = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f'{path} is not valid YAML: {err}') from err
+    """Read a YAML run config (a path or a shipped name, :func:`find_config`), apply overrides."""
+    try:
+        cfg = yaml.safe_load(find_config(path)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f'{path} is not valid YAML: {err}') from err
     if not isinstance(cfg, dict):
         raise ConfigError(f'{path} must hold a mapping of settings at the top level.')
     return apply_overrides(cfg, overrides)
@@ -118,9 +145,9 @@ def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: A
 
 
 def _streams(dataset: dict[str, Any]) -> dict[str, Any]:
-    """``dataset`` with its ``streams`` built by :func:`streaming_mads.foundry.streams_from_config`;
+    """``dataset`` with its ``streams`` built by :func:`streaming_mads.run.foundry.streams_from_config`;
     unlike there, a list is refused (a run YAML names its streams) and errors are ConfigErrors."""
-    from streaming_mads.foundry import streams_from_config
+    from streaming_mads.run.foundry import streams_from_config
     streams = dataset.pop('streams', None)
     if streams is None:
         return dataset
@@ -139,7 +166,7 @@ def _train_loader(cfg: dict[str, Any], device_batch: int) -> Any:
     from torch.utils.data import DataLoader
 
     from streaming_mads.collate import TokenCollator
-    from streaming_mads.dataset import MADSDataset
+    from streaming_mads.selection.dataset import MADSDataset
 
     loader = _section(cfg, 'train_loader', required=True)
     name = loader.pop('name', 'mads')
@@ -231,12 +258,12 @@ def _named(section: str, cfg: dict[str, Any], classes: dict[str, Any]) -> list[A
 
 
 def _algorithms(cfg: dict[str, Any]) -> list[Any]:
-    from algorithms import AgentConsole, DomainBandit
+    from streaming_mads.algorithms import AgentConsole, DomainBandit
     algos = _section(cfg, 'algorithms')
     known = {'mads_console': AgentConsole, 'domain_bandit': DomainBandit}
     unknown = set(algos) - set(known)
     if unknown:
-        raise ConfigError(f'algorithms.{sorted(unknown)[0]} is unknown: the algorithms here are '
+        raise ConfigError(f'streaming_mads.algorithms.{sorted(unknown)[0]} is unknown: the algorithms here are '
                           'mads_console and domain_bandit (a baseline).')
     if len(algos) > 1:
         raise ConfigError('algorithms: use one of mads_console and domain_bandit, not both (each '
@@ -245,9 +272,9 @@ def _algorithms(cfg: dict[str, Any]) -> list[Any]:
     for name, kwargs in algos.items():
         kwargs = dict(kwargs or {})
         if name == 'mads_console' and 'reference' not in kwargs:
-            raise ConfigError('algorithms.mads_console.reference is required (an MDS reference '
+            raise ConfigError('streaming_mads.algorithms.mads_console.reference is required (an MDS reference '
                               'set).')
-        out.append(_call(f'algorithms.{name}', known[name], kwargs))
+        out.append(_call(f'streaming_mads.algorithms.{name}', known[name], kwargs))
     return out
 
 

@@ -1,6 +1,6 @@
 """A second embedded corpus: the documentation and source of the installed Python packages.
 
-The demo corpus (:mod:`streaming_mads.demo_corpus`) steers by held-out documentation topics,
+The demo corpus (:mod:`streaming_mads.corpora.demo`) steers by held-out documentation topics,
 which is one of its training domains: the domain agent alone can find the reference by picking
 ``docs``. This corpus asks for more. Its training domains differ in *shape*, not in subject,
 and every domain mixes the subjects of all packages:
@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from streaming_mads.demo_corpus import (DemoCorpus, _docstrings, _garble, _heldout, _write,
+from streaming_mads.corpora.demo import (DemoCorpus, _docstrings, _garble, _heldout, _write,
                                         _write_domains)
 
 __all__ = ['build_packages_text', 'DOMAINS', 'THEME', 'SHARES']

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.selection import gumbel_noise
+from streaming_mads.selection.scores import gumbel_noise
 
 __all__ = ['batch_in_epoch', 'global_batch', 'noise_key', 'log_positions', 'LOG_SALT']
 

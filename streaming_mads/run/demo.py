@@ -2,7 +2,7 @@
 
 Steps (all local, nothing downloaded):
 
-1. write the demo corpus text (:mod:`streaming_mads.demo_corpus`),
+1. write the demo corpus text (:mod:`streaming_mads.corpora.demo`),
 2. ``mads convert`` it to MDS (a BPE tokenizer trained on it, one stream with a domain column),
    and the held-out sets, the reference set (which steers the console) and the evaluation set
    (documents of the reference's kind the console never sees) with the same tokenizer,
@@ -29,12 +29,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from composer import Callback
 
-from streaming_mads.console import ConsoleConfig
+from streaming_mads.console.console import ConsoleConfig
 
 __all__ = ['run_demo', 'steps_to_reach', 'costs_to_reach', 'train_wall', 'prepare_data',
            'train_run', 'quiet', 'run_process_init', 'TrainClock']
 
-_REPO_YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'yamls')
 
 
 def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: float) -> Optional[float]:
@@ -150,13 +149,13 @@ def prepare_data(out: str, code_bytes: int, seq_len: int, vocab_size: int,
                  progress: bool, corpus: str = 'demo') -> dict[str, Any]:
     """Corpus text -> tokenised MDS (train, held-out, reference) -> sidecar labels.
 
-    ``corpus`` picks the text: ``'demo'`` (:mod:`streaming_mads.demo_corpus`) or ``'packages'``
-    (:mod:`streaming_mads.packages_corpus`, a reference across domains).
+    ``corpus`` picks the text: ``'demo'`` (:mod:`streaming_mads.corpora.demo`) or ``'packages'``
+    (:mod:`streaming_mads.corpora.packages`, a reference across domains).
     """
-    from streaming_mads.convert import convert
-    from streaming_mads.demo_corpus import build_demo_text
-    from streaming_mads.labeling import inspect_dataset, label_dataset
-    from streaming_mads.packages_corpus import build_packages_text
+    from streaming_mads.convert.convert import convert
+    from streaming_mads.corpora.demo import build_demo_text
+    from streaming_mads.labeling.label import inspect_dataset, label_dataset
+    from streaming_mads.corpora.packages import build_packages_text
 
     builders = {'demo': build_demo_text, 'packages': build_packages_text}
     if corpus not in builders:
@@ -190,10 +189,9 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
     """Train one shipped YAML on prepared demo data; its evaluation curves and MADS metrics."""
     from composer.loggers import InMemoryLogger
 
-    from streaming_mads.train import apply_overrides, build_trainer, load_config
+    from streaming_mads.run.train import apply_overrides, build_trainer, load_config
 
-    path = os.path.join(_REPO_YAMLS, yaml_name)
-    cfg = load_config(path)
+    cfg = load_config(yaml_name)
     cfg['train_loader']['dataset']['local'] = paths['data']
     evals = [{'label': name, 'dataset': {'local': paths[name]}}
              for name in ('evaluation', 'reference')]

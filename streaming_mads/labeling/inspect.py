@@ -12,8 +12,9 @@ from typing import Optional
 
 import numpy as np
 
-from streaming_mads.label_streams import RemoteStream, discover_streams, join_path, try_download
-from streaming_mads.label_work import TOPICS_DIRNAME
+from streaming_mads.labeling.streams import RemoteStream, discover_streams
+from streaming_mads.remote import join_path, try_download
+from streaming_mads.labeling.work import TOPICS_DIRNAME
 from streaming_mads.labels import (LABELS_DIRNAME, MANIFEST_NAME, StreamLabels, fetch_labels,
                                    labels_dir)
 

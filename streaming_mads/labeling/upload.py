@@ -14,7 +14,8 @@ import shutil
 import uuid
 from typing import Any, Optional, Sequence
 
-from streaming_mads.label_streams import StreamRef, is_url
+from streaming_mads.labeling.streams import StreamRef
+from streaming_mads.remote import is_url
 from streaming_mads.labels import LABELS_DIRNAME, MANIFEST_NAME, labels_dir
 
 __all__ = ['upload_labels', 'upload_report_lines', 'tree_bytes']
