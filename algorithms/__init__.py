@@ -1,6 +1,12 @@
-"""Composer algorithms of streaming-mads."""
+"""Composer algorithms of streaming-mads: thin, they decide *when* and wire Composer's state.
 
-from streaming_mads.algorithms.agent_console import AgentConsole, find_mads_dataset, load_reference
+The logic is in :mod:`streaming_mads.console`; docs/architecture.md has the long form.
+"""
+
+from streaming_mads.algorithms.agent_console import AgentConsole
 from streaming_mads.algorithms.domain_bandit import DomainBandit
 
-__all__ = ['AgentConsole', 'DomainBandit', 'find_mads_dataset', 'load_reference']
+#: The algorithms by their YAML name (``algorithms: {NAME: {...}}``), as llm-foundry registers them.
+ALGORITHMS = {'mads_console': AgentConsole, 'domain_bandit': DomainBandit}
+
+__all__ = ['AgentConsole', 'DomainBandit', 'ALGORITHMS']

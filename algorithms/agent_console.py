@@ -1,39 +1,33 @@
 """AgentConsole: the Composer algorithm that runs MADS' agent console inside a training run.
 
-Thin by design: :meth:`AgentConsole.match` decides *when* (fit start; the end of a batch at which
-a weight version is due) and :meth:`AgentConsole.apply` wires Composer's state (model, train
-dataloader, device, logger) into :class:`streaming_mads.console.console.Console`, which holds the logic.
+Thin by design, like Composer's own algorithms: :meth:`AgentConsole.match` decides *when* (fit
+start; the end of a batch at which a weight version is due) and :meth:`AgentConsole.apply` wires
+Composer's state (model, train dataloader, device, precision, logger) into
+:class:`~streaming_mads.console.console.Console`, which holds the logic; the reference set is
+:mod:`streaming_mads.console.reference`'s. docs/architecture.md has the long form.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-import tempfile
-from dataclasses import fields
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from composer.core import Algorithm, Event, Precision, State
 from composer.loggers import Logger
-from composer.utils import dist, reproducibility
-from torch.utils.data import DataLoader, Dataset
+from composer.utils import reproducibility
+from torch.utils.data import DataLoader
 
-from streaming_mads.checks import (TokenizerInfo, check_run, check_token_ids, convert_info,
-                                   model_vocab_size, spec_tokenizer_info, stream_convert_info,
-                                   tokenizer_info)
-from streaming_mads.console.console import Console, ConsoleConfig, prefetch_depth
-from streaming_mads.selection.dataset import MADSDataset
-from streaming_mads.influence.influence import PerSampleLoss, causal_lm_per_sample_loss, influence_memory
+from streaming_mads.checks import TokenizerInfo, check_run, model_vocab_size
+from streaming_mads.console.config import console_config
+from streaming_mads.console.console import Console, prefetch_depth
+from streaming_mads.console.reference import (ReferenceSource, check_reference_ids,
+                                              load_reference, reference_tokenizer_info)
+from streaming_mads.distributed import get_rank
+from streaming_mads.influence import PerSampleLoss, causal_lm_per_sample_loss, influence_memory
 from streaming_mads.influence.preconditioning import check_adam
+from streaming_mads.selection.dataset import MADSDataset
 
-__all__ = ['AgentConsole', 'find_mads_dataset', 'load_reference']
-
-#: Reference samples whose token ids are checked against the model before training.
-_REFERENCE_CHECKED = 256
-
-ReferenceSource = Union[str, Dataset, Sequence[dict]]
+__all__ = ['AgentConsole', 'find_mads_dataset']
 
 #: The autocast dtype of the influence pass under each Composer precision (fp32: none).
 _AUTOCAST = {Precision.AMP_BF16: torch.bfloat16, Precision.AMP_FP16: torch.float16,
@@ -51,78 +45,9 @@ def find_mads_dataset(dataloader: Any) -> MADSDataset:
     return dataset
 
 
-def _training_tokenizer(dataset: MADSDataset) -> str:
-    """The tokenizer ``mads convert`` recorded beside the training data (local or remote)."""
-    found = convert_info(dataset.streams)
-    if found is not None:
-        root, info = found
-        record = info.get('tokenizer') or {}
-        if record.get('path'):
-            return os.path.join(root, record['path'])
-        if record.get('kind') == 'bytes':
-            return 'bytes'
-    raise FileNotFoundError('A text reference set needs the training tokenizer: set '
-                            'mads_console.reference_tokenizer (no mads_convert.json was found '
-                            'beside the training streams, locally or next to their remote index).')
-
-
-def _text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
-    """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS."""
-    from streaming_mads.convert.convert import convert
-    out = os.path.join(tempfile.mkdtemp(prefix='mads_ref_'), 'reference')
-    convert([f'reference={path}'], out, layout='single', seq_len=seq_len, tokenizer=tokenizer,
-            progress=False)
-    return out
-
-
-def load_reference(source: ReferenceSource, split: Optional[str] = None,
-                   local: Optional[str] = None, dataset: Optional[MADSDataset] = None,
-                   tokenizer: Optional[str] = None) -> Sequence[dict]:
-    """The whole reference set, with random access (each update reads only what it draws).
-
-    Args:
-        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming,
-            a shard downloaded when one of its samples is first drawn); a jsonl/text file or
-            directory of text (tokenised like the training data with the training tokenizer
-            into samples of the training length); a map-style dataset; or a list of sample
-            dicts. Samples must have the training samples' form (same columns and
-            tokenisation), since the train collate builds their batches.
-        split (str, optional): MDS split.
-        local (str, optional): Cache directory for a remote MDS source (default: a temp dir).
-        dataset (MADSDataset, optional): The training dataset (tokenizer and sample length of a
-            text reference).
-        tokenizer (str, optional): Tokenizer of a text reference (default: the one
-            ``mads convert`` recorded beside the training data).
-    """
-    if not isinstance(source, str):
-        return source  # type: ignore[return-value]
-    from streaming import StreamingDataset
-    is_remote = '://' in source
-    if not is_remote and not os.path.isfile(os.path.join(source, split or '', 'index.json')):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f'mads_console reference {source!r} does not exist: give '
-                                    'an MDS dataset, or jsonl/text files of reference text.')
-        if dataset is None:
-            raise ValueError('A text reference set needs the training dataset to tokenise it.')
-        seq_len = len(dataset[0]['tokens'])
-        source = _text_to_mds(source, tokenizer or _training_tokenizer(dataset), seq_len)
-        split = None
-    return StreamingDataset(remote=source if is_remote else None,
-                            local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
-                            if is_remote else source,
-                            split=split, batch_size=1)
-
-
 def _optimizer(state: State) -> Optional[torch.optim.Optimizer]:
     """The trainer's (first) optimizer, ``None`` without one."""
     return state.optimizers[0] if state.optimizers else None
-
-
-def spread(samples: Sequence[dict], count: int) -> list[dict]:
-    """Up to ``count`` samples evenly spaced over ``samples`` (a cheap check of a large set)."""
-    n = len(samples)
-    ids = np.unique(np.linspace(0, n - 1, min(count, n)).astype(int)) if n else []
-    return [samples[int(i)] for i in ids]
 
 
 class AgentConsole(Algorithm):
@@ -130,11 +55,13 @@ class AgentConsole(Algorithm):
 
     At ``FIT_START`` it finds the :class:`MADSDataset` of the train dataloader, checks the lead
     against the DataLoader's prefetch depth and publishes version 0 (or, on resume, every version
-    the checkpoint still needs). At the end of batch ``v·W − L`` it runs one update (probe
-    influence, memories, θ) and publishes version ``v`` for batches ``[v·W, (v+1)·W)``.
+    the checkpoint still needs). When the schedule says version ``v`` is due (see
+    :mod:`streaming_mads.selection.schedule`) it runs one update (probe influence, memories, θ)
+    and publishes ``v``.
 
     Args:
-        reference (ReferenceSource): The reference set (see :func:`load_reference`).
+        reference (ReferenceSource): The reference set (see
+            :func:`~streaming_mads.console.reference.load_reference`).
         reference_split (str, optional): MDS split of the reference. Defaults to ``None``.
         reference_local (str, optional): Cache dir for a remote reference. Defaults to ``None``.
         reference_tokenizer (str, optional): Tokenizer of a jsonl/text reference. Defaults to
@@ -144,9 +71,13 @@ class AgentConsole(Algorithm):
         collate_fn (Callable, optional): Builds a model batch from sample dicts. Defaults to the
             train dataloader's ``collate_fn``.
         **settings: The console's settings, each a field of
-            :class:`~streaming_mads.console.console.ConsoleConfig` (documented there and in
+            :class:`~streaming_mads.console.config.ConsoleConfig` (documented there and in
             ``docs/configuration.md``): ``update_interval``, ``probe_size``, ``lr_memory``, ...
     """
+
+    #: The YAML section named in errors, and the ConsoleConfig fields it takes (None: all).
+    section = 'mads_console'
+    setting_names: Optional[tuple[str, ...]] = None
 
     def __init__(self,
                  reference: ReferenceSource,
@@ -156,14 +87,7 @@ class AgentConsole(Algorithm):
                  loss_fn: Optional[PerSampleLoss] = None,
                  collate_fn: Optional[Callable[[list], Any]] = None,
                  **settings: Any) -> None:
-        known = [f.name for f in fields(ConsoleConfig)]
-        unknown = sorted(set(settings) - set(known))
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f'did you mean {close[0]!r}?' if close else \
-                f'the settings are {", ".join(known)} (see docs/configuration.md).'
-            raise ValueError(f'mads_console has no setting {unknown[0]!r}: {hint}')
-        self.config = ConsoleConfig(**settings)
+        self.config = console_config(settings, self.section, self.setting_names)
         self.reference = reference
         self.reference_split = reference_split
         self.reference_local = reference_local
@@ -177,20 +101,9 @@ class AgentConsole(Algorithm):
         return f'AgentConsole(update_interval={self.config.update_interval})'
 
     def reference_tokenizer_info(self) -> Optional[TokenizerInfo]:
-        """The reference's tokenizer, when known before loading it: the ``mads_convert.json``
-        of an MDS reference, or ``reference_tokenizer`` for a text one (``None``: a text
-        reference tokenised with the training tokenizer, or samples given in Python)."""
-        source, split = self.reference, self.reference_split
-        if not isinstance(source, str):
-            return None
-        if '://' in source:
-            return tokenizer_info(stream_convert_info(self.reference_local, source, split),
-                                  'reference')
-        if os.path.isfile(os.path.join(source, split or '', 'index.json')):
-            return tokenizer_info(stream_convert_info(source, None, split), 'reference')
-        if self.reference_tokenizer:
-            return spec_tokenizer_info(self.reference_tokenizer, 'reference')
-        return None
+        """The reference's tokenizer, when known before loading it (``mads train`` checks it)."""
+        return reference_tokenizer_info(self.reference, self.reference_split,
+                                        self.reference_local, self.reference_tokenizer)
 
     def _check_before_training(self, state: State, dataset: MADSDataset,
                                reference: Sequence[dict]) -> None:
@@ -199,8 +112,7 @@ class AgentConsole(Algorithm):
         evals = {ev.label: ev.dataloader.dataloader.dataset for ev in state.evaluators
                  if hasattr(getattr(ev.dataloader, 'dataloader', None), 'dataset')}
         check_run(state.model, dataset, evals, self.reference_tokenizer_info())
-        check_token_ids(spread(reference, _REFERENCE_CHECKED), model_vocab_size(state.model),
-                        'mads_console reference set')
+        check_reference_ids(reference, model_vocab_size(state.model))
         if self.config.reward == 'adam':
             check_adam(_optimizer(state))
 
@@ -227,7 +139,7 @@ class AgentConsole(Algorithm):
                                   checkpoint=options['checkpoint'])
         logger.log_hyperparameters({'mads/influence_reference_grad_bytes': memory.reference_gradient,
                                     'mads/influence_peak_bytes': memory.peak})
-        if dist.get_global_rank() == 0:
+        if get_rank() == 0:
             measured = 'not measurable here' if memory.peak is None else \
                 f'{memory.peak / 2**20:,.0f} MiB (measured on one micro-batch)'
             print(f'MADS influence pass: micro-batch {size}, autocast '

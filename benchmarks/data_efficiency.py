@@ -79,14 +79,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         # 0.2 after 8): updates every 5 batches on 16 probes, about MADS' console cost.
         'algorithms={domain_bandit: {update_interval: 5, probe_size: 16}}',
         'train_loader.dataset.temperature=1', 'train_loader.dataset.agents=[domain]']),
-    'fixed-theta': ('quickstart-cpu.yaml', ['streaming_mads.algorithms.mads_console.lr_theta=0']),
+    'fixed-theta': ('quickstart-cpu.yaml', ['algorithms.mads_console.lr_theta=0']),
     'mads': ('quickstart-cpu.yaml', []),
     # Ablations of the console's rule (not in the default run): the other rewards, no repeat
     # penalty, and nearly no shrinkage of rarely probed values.
-    'mads-cosine': ('quickstart-cpu.yaml', ['streaming_mads.algorithms.mads_console.reward=cosine']),
-    'mads-adam': ('quickstart-cpu.yaml', ['streaming_mads.algorithms.mads_console.reward=adam']),
-    'mads-no-repeat': ('quickstart-cpu.yaml', ['streaming_mads.algorithms.mads_console.repeat_penalty=0']),
-    'mads-no-shrink': ('quickstart-cpu.yaml', ['streaming_mads.algorithms.mads_console.value_prior=0.001']),
+    'mads-cosine': ('quickstart-cpu.yaml', ['algorithms.mads_console.reward=cosine']),
+    'mads-adam': ('quickstart-cpu.yaml', ['algorithms.mads_console.reward=adam']),
+    'mads-no-repeat': ('quickstart-cpu.yaml', ['algorithms.mads_console.repeat_penalty=0']),
+    'mads-no-shrink': ('quickstart-cpu.yaml', ['algorithms.mads_console.value_prior=0.001']),
 }
 DEFAULT_ARMS = [a for a in ARMS if not a.startswith('mads-')]
 
@@ -305,9 +305,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 seeds.append(f'train_loader.dataset.selection_seed={seed}')
                 console = _console_key(overrides)
                 if console:
-                    seeds.append(f'streaming_mads.algorithms.{console}.seed={seed}')
+                    seeds.append(f'algorithms.{console}.seed={seed}')
                     if args.quick:
-                        seeds.append(f'streaming_mads.algorithms.{console}.update_interval=5')
+                        seeds.append(f'algorithms.{console}.update_interval=5')
             overrides = overrides + seeds + args.set + \
                 ([f'max_duration={args.budget}'] if args.budget else [])
             t0 = time.perf_counter()

@@ -37,7 +37,7 @@ sys.path[:0] = [HERE, ROOT]
 
 from common import build_token_corpus  # noqa: E402
 
-from streaming_mads.influence.influence import (PeakMemory, influence_memory, per_sample_influence,  # noqa: E402
+from streaming_mads.influence import (PeakMemory, influence_memory, per_sample_influence,  # noqa: E402
                                       reference_gradient)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from streaming_mads.collate import IGNORE_INDEX
-from streaming_mads.influence.influence import (causal_lm_per_sample_loss, per_sample_influence,
+from streaming_mads.influence import (causal_lm_per_sample_loss, per_sample_influence,
                                       reference_gradient)
 
 

@@ -18,14 +18,15 @@ pieces whose cost or correctness could change with scale, each with the real cod
    (rank, batch, noise key, global batch, weight version). Worker count must not change any of
    them (mismatches must be 0). A same-world layout with another nodes x ranks split
    (64 x 16 x 8) is reported as Streaming makes it: per-rank sequences differ, global batches don't.
-3. **Selection cost per pool** for n = 10^6, 10^7, 10^8 on real pools of that partition,
-   mirroring the dataset's worker loop: labels of 64 pools gathered in one vectorised read
-   (``LabelStore.gather`` + each agent's ``label_ids``), then per pool the version lookup on the
-   weight board, ``combined_scores``, ``gumbel_noise`` with the pool's ``noise_key``,
-   ``gumbel_topk`` and ``log_positions``. *Cold* is the first pass after the label files are
-   dropped from the page cache (``madvise`` + ``posix_fadvise``; reads come from disk; best of
-   two), *warm* the best of three passes after it; wall time, and the warm pass's CPU time too,
-   which is less disturbed by other processes on a busy machine. The goal is a cost flat in n.
+3. **Selection cost per pool** for n = 10^6, 10^7, 10^8 on real pools of that partition, run
+   through the dataset workers' own selection step
+   (:func:`streaming_mads.selection.step.pool_selections`): labels of 64 pools gathered in one
+   vectorised read, then per pool the version of its batch, the combined scores, Gumbel noise
+   with the pool's noise key, Gumbel-top-k, the kept counts and the probe log write on a real
+   weight board. Reported: the whole, and the label gather in it. *Cold* is the first pass after
+   the label files are dropped from the page cache (``madvise`` + ``posix_fadvise``; reads come
+   from disk; best of two), *warm* the best of three passes after it; wall time, and the warm
+   pass's CPU time too, which is less disturbed by other processes on a busy machine. The goal is a cost flat in n.
 4. **Probe draw** per console update: 4096 uniform candidate ids in [0, n), their labels and
    ``stratified_probe`` to 64 probes (influence is measured elsewhere), cold and warm.
 5. **Memory per node**: the weight board's shared memory for every rank of a node, the sidecar
@@ -62,20 +63,20 @@ from streaming import Stream, StreamingDataset
 from streaming.base.partition import get_partitions
 from streaming.base.shuffle import get_shuffle
 
-import streaming_mads.selection.dataset as mads_dataset
 from streaming_mads.selection.agents import Agent, build_agents
-from streaming_mads.selection.board import WeightBoard
+from streaming_mads.selection.board import WeightBoard, Weights
 from streaming_mads.labels import LabelColumn, LabelStore, StreamLabels, labels_dir, score, \
     write_labels
-from streaming_mads.selection.pools import batch_in_epoch, global_batch, log_positions, noise_key
+from streaming_mads.selection.pools import batch_in_epoch, noise_key
+from streaming_mads.selection.schedule import Schedule
+from streaming_mads.selection.step import BLOCK_POOLS, gather_label_ids, pool_selections, \
+    version_tables
 from streaming_mads.console.rewards import stratified_probe
-from streaming_mads.selection.scores import combined_scores, gumbel_noise, gumbel_topk, score_tables
 
 BATCH = 8  # Device batch size B.
 RATIO = 4  # Pool ratio r: a pool holds r·B candidates.
 POOL = RATIO * BATCH
 LOG_WIDTH = 32  # Candidates of a pool written to the console's probe log.
-BLOCK_POOLS = getattr(mads_dataset, '_BLOCK_POOLS', 64)  # Pools per vectorised label read.
 TEMPERATURE = 1.0
 SELECTION_SEED = 0
 SHUFFLE_SEED = 9176  # Streaming's default shuffle seed.
@@ -211,17 +212,6 @@ def open_store(dirs: Sequence[str]) -> LabelStore:
     return store
 
 
-def label_ids(store: LabelStore, agents: Sequence[Agent], ids: NDArray[np.int64]) -> list[NDArray]:
-    """Each agent's label value ids of ``ids``: what ``MADSDataset.label_ids`` does."""
-    raw: dict[str, NDArray] = {}
-    out = []
-    for agent in agents:
-        if agent.column not in raw:
-            raw[agent.column] = store.gather(agent.column, ids)
-        out.append(agent.label_ids(raw[agent.column]))
-    return out
-
-
 def _column_files(store: LabelStore) -> list[tuple[NDArray, str]]:
     return [(stream.array(col), os.path.join(labels_dir(stream.split_dir), entry['file']))
             for stream in store.streams for col, entry in stream.columns.items()]
@@ -302,11 +292,11 @@ def rank_sequences(part: NDArray[np.int64], layout: Layout) -> NDArray[np.int32]
     return seq
 
 
-def pool_tuple(g: int, b: int, bpe: int, num_ranks: int, board: WeightBoard) -> tuple:
+def pool_tuple(g: int, b: int, num_ranks: int, schedule: Schedule) -> tuple:
     """What selection derives from a pool's place: rank, batch, noise key, global batch, version."""
-    gb = global_batch(EPOCH, b, bpe)
+    gb = schedule.global_batch(EPOCH, b)
     key = noise_key(SELECTION_SEED, EPOCH, b, g, num_ranks)
-    return (g, b, key, gb, board.version_for_batch(gb))
+    return (g, b, key, gb, schedule.version_for_batch(gb))
 
 
 def locate(part: NDArray[np.int64], layout: Layout, anchors: NDArray[np.int64],
@@ -331,11 +321,12 @@ def locate(part: NDArray[np.int64], layout: Layout, anchors: NDArray[np.int64],
 
 
 def check_layouts(n: int, shuffle: NDArray[np.int64], layouts: Sequence[Layout], same_world: Layout,
-                  canonical_nodes: int, samples: int, board: WeightBoard,
+                  canonical_nodes: int, samples: int, schedule: Schedule,
                   rng: np.random.Generator) -> tuple[NDArray[np.int32], dict[str, Any]]:
     """Compare every layout with the first (reference); return its rank sequences and results."""
     ref = layouts[0]
     bpe = batches_per_epoch(n, ref.num_ranks)
+    schedule = schedule.with_epoch(bpe)
     out: dict[str, Any] = {'batches_per_epoch': bpe}
     seq_ref: Optional[NDArray[np.int32]] = None
     picks: list[tuple[int, int]] = []
@@ -357,7 +348,7 @@ def check_layouts(n: int, shuffle: NDArray[np.int64], layouts: Sequence[Layout],
             b = rng.integers(0, bpe, samples)
             b[:min(16, samples)] = bpe - 1
             picks = [(int(x), int(y)) for x, y in zip(g, b) if seq[x, y, 0] >= 0]
-            want = [(pool_tuple(x, y, bpe, layout.num_ranks, board),
+            want = [(pool_tuple(x, y, layout.num_ranks, schedule),
                      np.where(seq[x, y] >= 0, shuffle[seq[x, y]], -1)) for x, y in picks]
             del part
             gc.collect()
@@ -378,9 +369,9 @@ def check_layouts(n: int, shuffle: NDArray[np.int64], layouts: Sequence[Layout],
                 here = part[g2 // layout.ranks, g2 % layout.ranks, w2, p2]
                 here = np.where(here >= 0, shuffle[here], -1)
                 if slot == 0 and np.array_equal(here, contents) and \
-                        pool_tuple(g2, b2, bpe, layout.num_ranks, board) == tup:
+                        pool_tuple(g2, b2, layout.num_ranks, schedule) == tup:
                     ok = True
-            same_global += any(global_batch(EPOCH, h[4], bpe) == tup[3] for h in hits)
+            same_global += any(schedule.global_batch(EPOCH, h[4]) == tup[3] for h in hits)
             mismatches += not ok
         del part
         gc.collect()
@@ -423,41 +414,33 @@ def timing_pools(seq: NDArray[np.int32], shuffle: NDArray[np.int64], workers: in
 
 
 def time_selection(store: LabelStore, agents: Sequence[Agent], board: WeightBoard,
-                   tables: dict[int, list[NDArray]], pools: NDArray[np.int64],
-                   ranks: NDArray[np.int64], batches: NDArray[np.int64], bpe: int,
+                   schedule: Schedule, tables: dict[int, list[NDArray]], pools: NDArray[np.int64],
+                   ranks: NDArray[np.int64], batches: NDArray[np.int64],
                    num_ranks: int) -> dict[str, float]:
-    """One pass of the worker's per-pool work over ``pools``; seconds per part."""
-    gather = select = noise = log = 0.0
-    kept = logged = 0
-    cpu0 = time.process_time()
-    for blk in range(0, len(pools), BLOCK_POOLS):
-        ids = pools[blk:blk + BLOCK_POOLS].ravel()
-        valid = ids >= 0
+    """One pass of the workers' selection step over ``pools``: seconds in the label gather and in
+    the rest (version, scores, noise, top-k, kept counts, probe log)."""
+    gather = 0.0
+
+    def timed_label_ids(ids: NDArray[np.int64]) -> list[NDArray]:
+        nonlocal gather
         t0 = time.perf_counter()
-        labels = label_ids(store, agents, np.where(valid, ids, 0))
-        t1 = time.perf_counter()
-        gather += t1 - t0
-        for j in range(len(ids) // POOL):
-            s, e = j * POOL, (j + 1) * POOL
-            t2 = time.perf_counter()
-            b, g = int(batches[blk + j]), int(ranks[blk + j])
-            version = board.version_for_batch(global_batch(EPOCH, b, bpe))
-            scores = combined_scores(tables[version], [lab[s:e] for lab in labels])
-            scores[~valid[s:e]] = -np.inf
-            key = noise_key(SELECTION_SEED, EPOCH, b, g, num_ranks)
-            t3 = time.perf_counter()
-            pool_noise = gumbel_noise(key, e - s)
-            t4 = time.perf_counter()
-            keep = gumbel_topk(scores, pool_noise, BATCH, TEMPERATURE)
-            t5 = time.perf_counter()
-            logged += len(log_positions(key, valid[s:e], LOG_WIDTH))
-            t6 = time.perf_counter()
-            select += (t3 - t2) + (t5 - t4)
-            noise += t4 - t3
-            log += t6 - t5
-            kept += len(keep)
-    return {'gather': gather, 'select': select, 'noise': noise, 'log': log, 'kept': kept,
-            'logged': logged, 'cpu': time.process_time() - cpu0}
+        out = gather_label_ids(store, agents, ids)
+        gather += time.perf_counter() - t0
+        return out
+
+    kept = 0
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    for _, keep in pool_selections(pools.ravel(), batches, ranks, EPOCH, pool=POOL, keep=BATCH,
+                                   temperature=TEMPERATURE, seed=SELECTION_SEED,
+                                   num_ranks=num_ranks, schedule=schedule,
+                                   label_ids=timed_label_ids,
+                                   tables_for=lambda version, _batch: tables[version],
+                                   board=board, row=0):
+        kept += len(keep)
+    total = time.perf_counter() - t0
+    return {'gather': gather, 'select': total - gather, 'kept': kept,
+            'cpu': time.process_time() - cpu0}
 
 
 def probe_draw(store: LabelStore, agents: Sequence[Agent], n: int, version: int) -> NDArray:
@@ -466,7 +449,7 @@ def probe_draw(store: LabelStore, agents: Sequence[Agent], n: int, version: int)
     cand = rng.permutation(n)[:PROBE_POOL] if n <= 4 * PROBE_POOL else \
         np.unique(rng.integers(0, n, 2 * PROBE_POOL))[:PROBE_POOL]
     cand = rng.permutation(cand)
-    labels = label_ids(store, agents, cand)
+    labels = gather_label_ids(store, agents, cand)
     return cand[stratified_probe(labels, [a.num_values for a in agents], PROBE_SIZE, rng)]
 
 
@@ -517,7 +500,7 @@ def run_size(n: int, root: str, layouts: Sequence[Layout], same_world: Layout,
     res['agent_sizes'] = [a.num_values for a in agents]
     # The rank's weight board, as the dataset creates it for these agents; it numbers versions.
     board = WeightBoard(f'mads_scale_{os.getpid()}', res['agent_sizes'], BOARD_CAPACITY,
-                        create=True)
+                        create=True, log_width=LOG_WIDTH)
     try:
         board.configure(UPDATE_INTERVAL, 1)
         res['board_bytes_per_rank'] = board._size
@@ -540,24 +523,24 @@ def _measure(n: int, res: dict[str, Any], units: NDArray[np.int64],
     shuffle = epoch_shuffle(units, canonical_nodes)
     res['shuffle_s'] = time.perf_counter() - t0
     seq, res['layouts'] = check_layouts(n, shuffle, layouts, same_world, canonical_nodes,
-                                        args.sample_pools, board, rng)
+                                        args.sample_pools, board.schedule, rng)
     bpe = res['layouts']['batches_per_epoch']
     pools, ranks, batches = timing_pools(seq, shuffle, layouts[0].workers, args.pools, rng)
     del seq, shuffle
     gc.collect()
 
     # Score tables of every version the timing pools touch (the dataset caches them per version).
+    schedule = board.schedule.with_epoch(bpe)
     mem_rng = np.random.default_rng(1)
     theta = np.full(len(agents), 1.0 / len(agents))
     tables: dict[int, list[NDArray]] = {}
-    for gb in np.unique(global_batch(EPOCH, batches, bpe)):
-        memories = [mem_rng.uniform(0.2, 5.0, a.num_values) for a in agents]
-        tables.setdefault(board.version_for_batch(int(gb)),
-                          score_tables([a.score_table(m) for a, m in zip(agents, memories)],
-                                       theta))
+    for gb in np.unique(schedule.global_batch(EPOCH, batches)):
+        version = schedule.version_for_batch(int(gb))
+        memories = tuple(mem_rng.uniform(0.2, 5.0, a.num_values) for a in agents)
+        tables.setdefault(version, version_tables(agents, Weights(version, theta, memories)))
 
     def selection() -> dict[str, float]:
-        return time_selection(store, agents, board, tables, pools, ranks, batches, bpe,
+        return time_selection(store, agents, board, schedule, tables, pools, ranks, batches,
                               layouts[0].num_ranks)
 
     def best(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -567,7 +550,7 @@ def _measure(n: int, res: dict[str, Any], units: NDArray[np.int64],
         drop_page_cache(store)
         return selection()
 
-    parts = ('gather', 'select', 'noise', 'log')
+    parts = ('gather', 'select')
     drop_page_cache(store)
     res['probe_cold_ms'] = 1e3 * time_probes(store, agents, n, range(1000, 1000 + args.cold_probes))
     cold = best([cold_selection() for _ in range(2)])
@@ -623,9 +606,7 @@ def table(results: Sequence[dict[str, Any]], layouts: Sequence[Layout], same_wor
     row('per pool, warm (us)', lambda r: f'{r["pool_warm_us"]:.1f}')
     row('per pool, warm, CPU time (us)', lambda r: f'{r["pool_warm_cpu_us"]:.1f}')
     row('  labels (gather, 1/64 of a block read)', lambda r: f'{r["gather_warm_us"]:.1f}')
-    row('  version + combined_scores + gumbel_topk', lambda r: f'{r["select_warm_us"]:.1f}')
-    row('  gumbel_noise', lambda r: f'{r["noise_warm_us"]:.1f}')
-    row('  log_positions', lambda r: f'{r["log_warm_us"]:.1f}')
+    row('  version, scores, noise, top-k, probe log', lambda r: f'{r["select_warm_us"]:.1f}')
     row('label gather, cold (labels/s)', lambda r: f'{r["gather_cold_labels_per_s"]:.3g}')
     row('label gather, warm (labels/s)', lambda r: f'{r["gather_warm_labels_per_s"]:.3g}')
     row('probe draw, cold (ms/update)', lambda r: f'{r["probe_cold_ms"]:.2f}')

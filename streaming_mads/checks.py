@@ -11,7 +11,8 @@ What is compared is what ``mads convert`` recorded in ``mads_convert.json`` besi
 (:func:`convert_info`, which fetches the record of a remote stream with its index): the tokenizer's
 kind, size, EOS id and a fingerprint of its vocabulary (the token -> id map, so the same tokenizer
 saved in another file format still matches). Datasets without a record are not compared; the
-reference samples themselves are always checked against the model's vocabulary.
+reference samples themselves are always checked against the model's vocabulary. The record itself
+is :mod:`streaming_mads.convert_record`'s; docs/architecture.md has the long form.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import hashlib
 import json
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from streaming_mads.convert.convert import (CONVERT_INFO_NAME, ConvertError, find_convert_info,
-                                    read_convert_info)
+from streaming_mads.convert_record import (CONVERT_INFO_NAME, ConvertError, fetch_convert_info,
+                                           find_convert_info)
+from streaming_mads.remote import join_path, parent_path
 
 __all__ = ['TokenizerMismatchError', 'TokenizerInfo', 'convert_info', 'stream_convert_info',
            'tokenizer_info', 'spec_tokenizer_info', 'model_vocab_size', 'check_tokenizers', 'check_token_ids',
@@ -47,57 +48,13 @@ class TokenizerMismatchError(ValueError):
 # Finding the mads_convert.json of a stream (local, or fetched from its remote).
 
 
-def _is_url(path: str) -> bool:
-    return '://' in path
-
-
-def _join(base: str, name: str) -> str:
-    return f'{base.rstrip("/")}/{name}' if _is_url(base) else os.path.join(base, name)
-
-
-def _parent(path: str) -> str:
-    if _is_url(path):
-        scheme, rest = path.split('://', 1)
-        head = rest.rstrip('/').rsplit('/', 1)[0] if '/' in rest.rstrip('/') else rest
-        return f'{scheme}://{head}'
-    return os.path.dirname(os.path.normpath(path))
-
-
-def _fetch(remote: str, dest: str) -> bool:
-    """Download one file with Streaming's downloader, atomically (ranks of a node may race)."""
-    from streaming.base.storage import CloudDownloader
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f'{dest}.{uuid.uuid4().hex}.tmp'
-    try:
-        CloudDownloader.direct_download(remote, tmp)
-        os.replace(tmp, dest)
-        return True
-    except Exception:  # Backends raise their own "not found" errors.
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        return False
-
-
-def _fetch_record(remote_root: str, mirror: str) -> Optional[dict[str, Any]]:
-    """``remote_root``'s record and the tokenizer files it lists, into ``mirror``."""
-    if not _fetch(_join(remote_root, CONVERT_INFO_NAME), os.path.join(mirror, CONVERT_INFO_NAME)):
-        return None
-    info = read_convert_info(mirror)
-    tok = (info or {}).get('tokenizer') or {}
-    if tok.get('path'):
-        tok_dir = tok['path'].split('/')[0]
-        for name in tok.get('files', []):
-            _fetch(_join(_join(remote_root, tok_dir), name), os.path.join(mirror, tok_dir, name))
-    return info
-
-
 @functools.lru_cache(maxsize=64)
 def _remote_convert_info(remote: str, local: str) -> Optional[tuple[str, dict[str, Any]]]:
     """Once per process: the remote split dir's record, else its parent's (``--layout streams``)."""
     name = remote.rstrip('/').rsplit('/', 1)[-1]
-    for level, remote_root in (('split', remote), ('parent', _parent(remote))):
+    for level, remote_root in (('split', remote), ('parent', parent_path(remote))):
         mirror = os.path.join(local, REMOTE_CONVERT_DIRNAME, level)
-        info = _fetch_record(remote_root, mirror)
+        info = fetch_convert_info(remote_root, mirror)  # Not fresh: ranks of a node share it.
         # A parent's record counts only if it lists this stream (not some other dataset's).
         if info is not None and (level == 'split' or
                                  name in [s.get('path') for s in info.get('streams', [])]):
@@ -121,7 +78,7 @@ def stream_convert_info(local: Optional[str], remote: Optional[str] = None,
     """
     if remote:
         local_split = os.path.join(local or tempfile.mkdtemp(prefix='mads_convert_'), split or '')
-        found = _remote_convert_info(_join(remote, split) if split else remote,
+        found = _remote_convert_info(join_path(remote, split or ''),
                                      os.path.abspath(local_split))
         if found is not None:
             return found
@@ -268,7 +225,7 @@ def check_token_ids(samples: Sequence[dict], model_vocab: Optional[int], where: 
 def dataset_streams(dataset: Any) -> list[Any]:
     """The ``Stream`` objects of a built dataset (none for a dataset without streams).
 
-    Not :func:`streaming_mads.run.foundry.streams_from_config`: this reads a dataset already built, that
+    Not :func:`streaming_mads.run.loader.streams_from_config`: this reads a dataset already built, that
     builds streams from a config.
 
     Args:

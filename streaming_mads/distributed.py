@@ -7,13 +7,13 @@ same code path with a world of one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ['is_distributed', 'get_rank', 'get_world_size', 'rank_world', 'broadcast_object',
-           'all_gather_object', 'all_reduce']
+           'all_gather_object', 'all_reduce', 'all_reduce_many']
 
 
 def is_distributed() -> bool:
@@ -60,3 +60,20 @@ def all_reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX}[op])
     return tensor
+
+
+def all_reduce_many(tensors: Sequence[torch.Tensor], op: str = 'sum') -> None:
+    """Reduce every tensor of ``tensors`` in place across ranks, with one collective per (dtype,
+    device) on a flat copy; a no-op on one rank. Every rank passes the same shapes in the same order.
+    """
+    if get_world_size() == 1:
+        return
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}  # Insertion-ordered.
+    for tensor in tensors:
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for bucket in buckets.values():
+        flat = all_reduce(torch.cat([t.reshape(-1) for t in bucket]), op)
+        offset = 0
+        for tensor in bucket:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()

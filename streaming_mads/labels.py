@@ -33,10 +33,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from numpy.typing import NDArray
 
+from streaming_mads.remote import contained_path
+
 __all__ = [
     'LABELS_DIRNAME', 'MANIFEST_NAME', 'LabelError', 'LabelColumn', 'ColumnInfo', 'StreamLabels',
     'LabelStore', 'categorical', 'score', 'write_labels', 'index_fingerprint', 'labels_dir',
-    'shard_hashes', 'CONTENT_HASH', 'atomic_save_npy', 'atomic_save_npz'
+    'shard_hashes', 'CONTENT_HASH', 'atomic_save_npy', 'atomic_save_npz', 'check_index_names'
 ]
 
 LABELS_DIRNAME = 'mads'
@@ -75,7 +77,32 @@ def _num_samples_in_index(split_dir: str) -> int:
 
 def _read_index(split_dir: str) -> dict[str, Any]:
     with open(os.path.join(split_dir, INDEX_NAME)) as f:
-        return json.load(f)
+        index = json.load(f)
+    check_index_names(index, split_dir)
+    return index
+
+
+#: The keys of a shard's entry in ``index.json`` that name its files (MDS: data; JSON, CSV: also
+#: meta), raw and compressed.
+_SHARD_FILE_KEYS = ('raw_data', 'zip_data', 'raw_meta', 'zip_meta')
+
+
+def check_index_names(index: dict[str, Any], split_dir: str,
+                      error: type[Exception] = LabelError) -> None:
+    """Refuse an ``index.json`` whose shard file names would reach outside ``split_dir``.
+
+    Args:
+        index (dict[str, Any]): The parsed index.
+        split_dir (str): Directory holding it (the names are relative to it).
+        error (type[Exception]): The caller's error class. Defaults to :class:`LabelError`.
+    """
+    source = f'a shard file name in {os.path.join(split_dir, INDEX_NAME)}'
+    for shard in index.get('shards') or []:
+        for key in _SHARD_FILE_KEYS:
+            info = shard.get(key) if isinstance(shard, dict) else None
+            if info:
+                contained_path(split_dir, info.get('basename') if isinstance(info, dict) else info,
+                               source, error)
 
 
 def file_hash(path: str) -> str:
@@ -212,6 +239,9 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
         same_shards = old.get('shard_hashes', content) == content
         if (old.get('index_fingerprint') == fingerprint and old.get('num_samples') == num_samples
                 and same_shards):
+            for entry in old.get('columns', {}).values():  # Kept, and uploaded beside a remote.
+                contained_path(out_dir, entry.get('file'), f'a label file in {manifest_path}',
+                               LabelError)
             manifest['columns'].update(old.get('columns', {}))
     for name, col in columns.items():
         if not name or os.sep in name or name.startswith('.'):
@@ -316,7 +346,8 @@ class StreamLabels:
             raise LabelError(f'{manifest_path} hashes shards with {content.get("algo")!r}, not '
                              f'{CONTENT_HASH}: {fix}.')
         for name, digest in content['shards'].items():
-            path = os.path.join(self.split_dir, name)
+            path = contained_path(self.split_dir, name, f'a shard name in {manifest_path}',
+                                  LabelError)
             if os.path.isfile(path):
                 if file_hash(path) != digest:
                     raise LabelError(f'Labels of stream {self.stream_name} were written for other '
@@ -342,7 +373,9 @@ class StreamLabels:
             raise LabelError(f'Stream {self.stream_name} has no label column {column!r} (it has '
                              f'{sorted(self.columns)}): label it with {how}, or drop the agent '
                              'or change its `column`.')
-        path = os.path.join(labels_dir(self.split_dir), entry['file'])
+        ldir = labels_dir(self.split_dir)
+        path = contained_path(ldir, entry.get('file'),
+                              f'a label file in {os.path.join(ldir, MANIFEST_NAME)}', LabelError)
         if not os.path.isfile(path):
             raise LabelError(f'Label file {path} of stream {self.stream_name} is missing: '
                              f'{self._rewrite_fix(column)}.')
@@ -421,10 +454,14 @@ def fetch_labels(stream: Any) -> None:
                                  f'`mads label {stream.remote}`.') from err
         return dest
 
-    with open(get(MANIFEST_NAME)) as f:
+    manifest_path = get(MANIFEST_NAME)
+    with open(manifest_path) as f:
         manifest = json.load(f)
-    for entry in manifest.get('columns', {}).values():
-        get(entry['file'])
+    files = [entry.get('file') for entry in manifest.get('columns', {}).values()]
+    for name in files:  # Every name checked before any is fetched.
+        contained_path(local_dir, name, f'a label file in {manifest_path}', LabelError)
+    for name in files:
+        get(name)
 
 
 class LabelStore:

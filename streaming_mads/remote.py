@@ -3,15 +3,83 @@
 Datasets, references and label trees may live behind any Streaming remote; whether a path is a
 URL, how its parts join, its parent, and fetching one file through Streaming's downloader (into a
 temporary name, then renamed, so ranks of a node that race never see half a file) live here.
+So does :func:`contained_path`, the one check every file name read from a dataset's metadata
+passes before it is joined to a local folder: whoever wrote a dataset (in a shared bucket, say)
+controls those names, and they must not reach outside the dataset's folder or cache.
+See docs/architecture.md ("Untrusted metadata").
 """
 
 from __future__ import annotations
 
+import ntpath
 import os
+import posixpath
 import urllib.parse
 import uuid
+from typing import Any
 
-__all__ = ['is_url', 'join_path', 'parent_path', 'download', 'try_download']
+__all__ = ['is_url', 'join_path', 'parent_path', 'download', 'try_download', 'UnsafePathError',
+           'contained_path']
+
+
+class UnsafePathError(ValueError):
+    """A file name in a dataset's metadata would reach outside its folder (see
+    :func:`contained_path`)."""
+
+
+def _unsafe(name: Any) -> str:
+    """Why ``name`` is not a plain relative path (``''`` when it is one)."""
+    if not isinstance(name, str):
+        return f'it is a {type(name).__name__}, not a string'
+    if not name:
+        return 'it is empty'
+    if '\\' in name or '\x00' in name:
+        return 'it has a backslash or NUL character'
+    if posixpath.isabs(name) or ntpath.isabs(name) or ntpath.splitdrive(name)[0]:
+        return 'it is an absolute path or names a drive'
+    for part in name.split('/'):
+        if part in ('', '.', '..'):
+            return f'it has a {part!r} path component' if part else 'it has an empty component'
+    return ''
+
+
+def contained_path(root: str, name: Any, source: str,
+                   error: type[Exception] = UnsafePathError) -> str:
+    """``root`` joined with ``name``, a file name read from a dataset's metadata, once checked.
+
+    Names from ``index.json`` (shard files), ``mads/manifest.json`` (label files) and
+    ``mads_convert.json`` (tokenizer files, stream folders) are joined to a local folder before a
+    file is read, downloaded (replacing what is there) or deleted. Only a plain relative path
+    inside that folder is accepted: no absolute path or drive, no ``..``, ``.`` or empty component,
+    no backslash, and the normalised result must stay under ``root``.
+
+    Args:
+        root (str): The folder the name is relative to.
+        name (Any): The name, as the metadata holds it.
+        source (str): What the name is and the file it came from, for the error (e.g.
+            ``'a shard file name in /cache/index.json'``).
+        error (type[Exception]): The exception to raise (the caller's own error class).
+            Defaults to :class:`UnsafePathError`.
+
+    Returns:
+        str: ``os.path.join(root, name)``.
+
+    Raises:
+        Exception: ``error``, naming ``source`` and ``name``.
+    """
+    why = _unsafe(name)
+    path = '' if why else os.path.join(root, *name.split('/'))
+    if not why:
+        base, full = os.path.abspath(root), os.path.abspath(path)
+        if full == base or os.path.commonpath([base, full]) != base:
+            why = 'it leads outside that folder'
+    if why:
+        raise error(f'Refusing {name!r}, {source}: {why}; only a plain relative path inside '
+                    f'{root} is accepted. The dataset\'s metadata is corrupt or untrusted (written '
+                    'by someone else?): nothing was read, written or deleted through that name. '
+                    'Use a dataset from a place you trust, or rewrite that file with mads convert '
+                    'or mads label.')
+    return path
 
 
 def is_url(path: str) -> bool:

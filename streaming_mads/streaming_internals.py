@@ -2,11 +2,13 @@
 
 MADSDataset rides on :class:`streaming.StreamingDataset` instead of replacing it, and that needs a
 few of Streaming's internals: the per-iteration ``_Iterator`` and the three loops over it (download,
-ready, yield), the shard states, the per-node shared-memory prefix, the worker world, and a
-stream's single-file download. Streaming does not promise these across releases, so they are
-used only here: :class:`SelectingStreamingDataset` holds the overridden loops and thin accessors,
-and :func:`check_streaming` verifies (in the test suite, and when a dataset is built) that every
-field relied on is present, failing with a message naming the supported releases.
+ready, yield), the shard states, the per-node shared-memory prefix, the worker world, a
+stream's single-file download, and the loaded shards' file names. Streaming does not promise
+these across releases, so they are used only here: :class:`SelectingStreamingDataset` holds the
+overridden loops and thin accessors, :func:`check_shard_files` refuses shard file names from an
+untrusted ``index.json`` before any download, and :func:`check_streaming` verifies (in the test
+suite, and when a dataset is built) that every field relied on is present, failing with a message
+naming the supported releases.
 
 Supported: mosaicml-streaming 0.12 and 0.13 (the test suite passes on 0.12.0 and 0.13.0).
 """
@@ -14,6 +16,7 @@ Supported: mosaicml-streaming 0.12 and 0.13 (the test suite passes on 0.12.0 and
 from __future__ import annotations
 
 import inspect
+import os
 from importlib.metadata import version as _dist_version
 from time import monotonic, sleep
 from typing import Any, Iterator
@@ -25,9 +28,12 @@ from streaming.base.dataset import _Iterator, _ShardState
 from streaming.base.shared.memory import SharedMemory
 from streaming.base.shared.prefix import _get_path
 
+from streaming_mads.remote import contained_path
+
 __all__ = [
     'SUPPORTED', 'SharedMemory', 'SelectingStreamingDataset', 'StreamingInternalsError',
-    'check_streaming', 'download_file', 'shared_memory_name', 'streaming_version'
+    'check_shard_files', 'check_streaming', 'download_file', 'shared_memory_name',
+    'streaming_version'
 ]
 
 SUPPORTED = 'mosaicml-streaming >=0.12,<0.14 (tested: 0.12.0, 0.13.0)'
@@ -50,7 +56,7 @@ _METHODS = {
 _ATTRIBUTES = ('_unique_rank_world', '_parallel_rank_world', '_shm_prefix_int', '_shard_states',
                'sample_offset_per_shard', 'sample_offset_per_stream',
                'samples_per_stream', 'num_shards', 'predownload', 'length', 'streams',
-               'epoch_size')
+               'epoch_size', 'shards', 'shard_offset_per_stream', 'shards_per_stream')
 _WORLD_FIELDS = ('rank_of_node', 'num_ranks', 'rank', 'workers_per_rank', 'worker_of_rank')
 _ITERATOR_FIELDS = ('sample_ids', 'total', 'prepare_index', 'ready_index', 'yield_index')
 _ITERATOR_METHODS = ('should_exit', 'on_exit')
@@ -109,6 +115,35 @@ def check_streaming(dataset: Any = None) -> None:
         for name in _STREAM_FIELDS:
             if not hasattr(stream, name):
                 raise _fail(f'Stream.{name}')
+    for shard in dataset.shards[:1]:
+        if not hasattr(shard, 'file_pairs'):
+            raise _fail('Reader.file_pairs')
+
+
+def check_shard_files(dataset: StreamingDataset) -> None:
+    """Refuse any stream whose ``index.json`` names a shard file outside the stream's folder.
+
+    Streaming joins those names (every file of ``Reader.file_pairs``) to the local cache and the
+    remote unchecked, to download, decompress and evict shards, so whoever wrote the index could
+    have files outside the cache replaced or deleted. Call it once the indexes are loaded (after
+    ``StreamingDataset.__init__``), before any shard is fetched; plain StreamingDatasets too.
+
+    Args:
+        dataset (StreamingDataset): A constructed dataset.
+
+    Raises:
+        UnsafePathError: Naming the index and the name (see
+            :func:`streaming_mads.remote.contained_path`).
+    """
+    for stream_id, stream in enumerate(dataset.streams):
+        split_dir = os.path.join(stream.local, stream.split or '')
+        source = f'a shard file name in {os.path.join(split_dir, "index.json")}'
+        begin = int(dataset.shard_offset_per_stream[stream_id])
+        for shard in dataset.shards[begin:begin + int(dataset.shards_per_stream[stream_id])]:
+            for pair in shard.file_pairs:
+                for info in pair:
+                    if info is not None:
+                        contained_path(split_dir, info.basename, source)
 
 
 def shared_memory_name(dataset: StreamingDataset, suffix: str) -> str:
@@ -159,6 +194,10 @@ class SelectingStreamingDataset(StreamingDataset):
         """``(ranks, rank, workers per rank, worker of rank)`` of the calling process."""
         world = self._parallel_worker_world
         return world.num_ranks, world.rank, world.workers_per_rank, world.worker_of_rank
+
+    def check_shard_files(self) -> None:
+        """:func:`check_shard_files` of this dataset (before any shard is fetched)."""
+        check_shard_files(self)
 
     # -- overridden internals --------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from streaming_mads.remote import contained_path
+
 __all__ = [
     'TokenizerError', 'Tokenizer', 'ByteTokenizer', 'TokenizersTokenizer', 'TransformersTokenizer',
     'load_tokenizer', 'train_bpe', 'tokenizer_from_record', 'token_dtype', 'TOKENIZER_DIRNAME',
@@ -293,7 +295,8 @@ def tokenizer_from_record(record: dict[str, Any], base_dir: str) -> Tokenizer:
         return ByteTokenizer()
     if kind not in ('tokenizers', 'transformers'):
         raise TokenizerError(f'Unknown tokenizer kind {kind!r} in {base_dir}/mads_convert.json.')
-    path = os.path.join(base_dir, record['path'])
+    path = contained_path(base_dir, record.get('path'),
+                          f'the tokenizer path in {base_dir}/mads_convert.json', TokenizerError)
     if not os.path.exists(path):
         raise TokenizerError(f'The tokenizer that encoded this dataset is missing ({path}): '
                              'restore it or pass --tokenizer.')

@@ -2,7 +2,7 @@
 
 Printed as JSON. Run in a fresh process with ``MALLOC_MMAP_THRESHOLD_`` small, so glibc returns
 every large tensor to the system when it is freed and the resident-set high-water mark
-(:class:`streaming_mads.influence.influence.PeakMemory`) measures tensor memory exactly.
+(:class:`streaming_mads.influence.memory.PeakMemory`) measures tensor memory exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from streaming_mads.influence.influence import PeakMemory, per_sample_influence, reference_gradient
+from streaming_mads.influence import PeakMemory, per_sample_influence, reference_gradient
 
 
 def batch(num: int, seq: int, vocab: int, seed: int) -> Dict[str, Tensor]:

@@ -14,7 +14,8 @@ import pytest
 from streaming import MDSWriter
 
 from streaming_mads.checks import TokenizerMismatchError
-from streaming_mads.convert.convert import convert, read_convert_info
+from streaming_mads.convert.convert import convert
+from streaming_mads.convert_record import read_convert_info
 from streaming_mads.labels import score, write_labels
 from streaming_mads.run.train import ConfigError, build_trainer
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from streaming_mads.algorithms import AgentConsole
 from streaming_mads.collate import TokenCollator
-from streaming_mads.influence.influence import causal_lm_per_sample_loss
+from streaming_mads.influence import causal_lm_per_sample_loss
 from streaming_mads.models import build_causal_lm
 
 
@@ -52,7 +52,7 @@ def test_adam_reward_finds_the_planted_signal(corpus):
 
 
 def test_adam_reward_refuses_another_optimizer_before_the_first_batch(corpus):
-    from streaming_mads.influence.influence import InfluenceError
+    from streaming_mads.influence import InfluenceError
     data, ref = corpus
     trainer, _, _ = make_trainer(data, ref, console={'reward': 'adam'})
     trainer.state.optimizers = torch.optim.SGD(trainer.state.model.parameters(), lr=0.1)
@@ -97,7 +97,7 @@ def test_planted_signal_is_found(corpus):
 
 
 def test_reference_draws_are_fresh_seeded_and_cover_the_set():
-    from streaming_mads.console.console import Console, ConsoleConfig
+    from streaming_mads.console import Console, ConsoleConfig
 
     def draws(seed: int) -> list:
         console = Console(ConsoleConfig(reference_size=8, seed=seed), list, None)
@@ -183,7 +183,7 @@ def test_nonfinite_influence_skips_the_update(corpus):
 
 
 def test_text_reference_is_tokenised_like_the_training_data(tmp_path):
-    from streaming_mads.algorithms import load_reference
+    from streaming_mads.console.reference import load_reference
     from streaming_mads import MADSDataset
     from streaming_mads.convert.convert import convert
     from streaming_mads.labeling.label import label_dataset

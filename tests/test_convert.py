@@ -8,7 +8,8 @@ import pytest
 from files import file_tree
 
 from streaming_mads.run.cli import main
-from streaming_mads.convert.convert import ConvertError, Input, convert, parse_input, read_convert_info
+from streaming_mads.convert.convert import ConvertError, Input, convert, parse_input
+from streaming_mads.convert_record import read_convert_info
 from streaming_mads.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_from_record
 
 EOS = 256  # ByteTokenizer.

@@ -22,7 +22,8 @@ from streaming import MDSWriter
 
 from streaming_mads.algorithms import AgentConsole
 from streaming_mads import MADSDataset, categorical, write_labels
-from streaming_mads.run.foundry import TextCollator, build_mads_dataloader, count_tokens
+from streaming_mads.collate import TextCollator, count_tokens
+from streaming_mads.run.foundry import build_mads_dataloader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 4

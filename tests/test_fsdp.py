@@ -17,7 +17,7 @@ import torch
 from test_influence import lm_batch, make_gpt2
 from test_multirank import _env, _spawn
 
-from streaming_mads.influence.influence import per_sample_influence, reference_gradient
+from streaming_mads.influence import per_sample_influence, reference_gradient
 
 RTOL = 1e-4  # fp32: sharded vs unsharded, relative to the largest |influence| / |gradient|.
 OPTIONS = dict(micro_batch=2, checkpoint=True)
@@ -58,7 +58,7 @@ def _full_params(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _sharded_run(rank: int, world: int, model: torch.nn.Module, out: str, name: str) -> None:
-    from streaming_mads.influence.influence import causal_lm_per_sample_loss
+    from streaming_mads.influence import causal_lm_per_sample_loss
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     causal_lm_per_sample_loss(model, lm_batch(4, seed=9 + rank)).mean().backward()
     opt.step()  # Gradients and optimizer state exist, as at the end of a batch.

@@ -1,4 +1,4 @@
-"""Ghost influence (streaming_mads.influence.influence) against a brute-force per-sample autograd loop."""
+"""Ghost influence (streaming_mads.influence) against a brute-force per-sample autograd loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streaming_mads.influence.influence import (InfluenceError, causal_lm_per_sample_loss, compute_influence,
+from streaming_mads.influence import (InfluenceError, causal_lm_per_sample_loss, compute_influence,
                                       covered_parameters, per_sample_influence, reference_gradient)
 
 VOCAB = 64

@@ -10,7 +10,7 @@ import sys
 import torch
 from test_influence import lm_batch, make_gpt2
 
-from streaming_mads.influence.influence import (covered_parameters, influence_memory, per_sample_influence,
+from streaming_mads.influence import (covered_parameters, influence_memory, per_sample_influence,
                                       reference_gradient, reference_gradient_bytes)
 
 #: bf16 autocast vs fp32: largest |difference| relative to the largest |influence|.

@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from streaming_mads import labeling
+from streaming_mads.labeling import label as labeling
 from streaming_mads.run.cli import main
-from streaming_mads.convert.convert import convert, read_convert_info
+from streaming_mads.convert.convert import convert
+from streaming_mads.convert_record import read_convert_info
 from streaming_mads.labeling.label import LabelingError, discover_streams, label_dataset
 from streaming_mads.labels import LabelError, LabelStore, StreamLabels
 
@@ -391,3 +392,28 @@ def test_similarity_to_a_reference_ranks_its_theme_first_and_resumes(corpus, tmp
     agent = build_agent('similarity')
     agent.bind(store)
     assert agent.num_values == 5 and agent.freq.sum() == sum(s.num_samples for s in streams)
+
+
+def test_inspect_shows_similarity_in_its_percentile_bins(tmp_path):
+    """The similarity label is a percentile in [0, 1]: inspect tabulates it in the similarity
+    agent's bins (labelled as percentiles), not in the 0-5 quality bins (all in the first)."""
+    from streaming import MDSWriter
+
+    from streaming_mads.labeling.inspect import inspect_dataset
+    from streaming_mads.labels import score, write_labels
+    from streaming_mads.score_bins import SIMILARITY_BINS
+    stream = tmp_path / 'stream'
+    with MDSWriter(out=str(stream), columns={'text': 'str'}) as writer:
+        for i in range(40):
+            writer.write({'text': f'sample {i}'})
+    sim = np.arange(40, dtype=np.float32) / 39
+    write_labels(str(stream), {'similarity': score(sim), 'quality': score(np.arange(40) / 8)})
+    text = inspect_dataset(str(stream))
+    assert 'quality (score)' in text and '[4, 5]' in text  # Quality keeps its 0-5 bins.
+    table = text.split('similarity (score, percentile)\n', 1)[1].split('\n\n', 1)[0]
+    labels = SIMILARITY_BINS.labels()
+    assert labels[0] == '[0%, 50%)' and labels[-1] == '[95%, 100%]'
+    counts = [int(next(line for line in table.splitlines() if line.startswith(label))
+                  [len(label):].split()[0]) for label in labels]
+    expected = np.bincount(np.searchsorted(SIMILARITY_BINS.edges, sim, side='right'), minlength=5)
+    assert counts == expected.tolist() and max(counts) < len(sim)

@@ -120,3 +120,12 @@ def test_no_import_cycles():
     for module in sorted(GRAPH):
         if module not in state:
             visit(module, [module])
+
+
+@pytest.mark.parametrize('package', sorted(m for m, p in MODULES.items() if p.endswith('__init__.py')))
+def test_package_exports_are_names(package):
+    """``__all__`` lists names that exist, so ``from package import *`` works."""
+    import importlib
+    module = importlib.import_module(package)
+    for name in getattr(module, '__all__', []):
+        assert isinstance(name, str) and hasattr(module, name), (package, name)

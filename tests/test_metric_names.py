@@ -12,7 +12,7 @@ import re
 import pytest
 from lm_corpus import make_trainer, write_corpus, write_reference
 
-from streaming_mads.console.console import metric_token
+from streaming_mads.console.metrics import metric_token
 
 SAFE = re.compile(r'^[A-Za-z0-9_./-]+$')
 

@@ -141,7 +141,7 @@ def _gradient_rank_main(rank: int, world: int, port: int, out: str) -> None:
     from lm_corpus import SEQ, VOCAB
 
     from streaming_mads.collate import TokenCollator
-    from streaming_mads.influence.influence import reference_gradient
+    from streaming_mads.influence import reference_gradient
     from streaming_mads.models import build_causal_lm
     dist.init_process_group('gloo')
     model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=3, n_embd=32)
@@ -161,7 +161,7 @@ def test_three_ranks_reference_gradient_is_the_exact_mean(tmp_path):
     from lm_corpus import SEQ, VOCAB
 
     from streaming_mads.collate import TokenCollator
-    from streaming_mads.influence.influence import reference_gradient
+    from streaming_mads.influence import reference_gradient
     from streaming_mads.models import build_causal_lm
     _spawn(_gradient_rank_main, 3, (str(tmp_path),), timeout=120)
     model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=3, n_embd=32)

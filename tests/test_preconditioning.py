@@ -9,7 +9,7 @@ import torch
 from composer.optim import DecoupledAdamW
 from test_influence import lm_batch, make_gpt2
 
-from streaming_mads.influence.influence import (InfluenceError, causal_lm_per_sample_loss, compute_influence,
+from streaming_mads.influence import (InfluenceError, causal_lm_per_sample_loss, compute_influence,
                                       reference_gradient)
 from streaming_mads.influence.preconditioning import adam_preconditioned
 

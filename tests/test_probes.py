@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from streaming_mads import MADSDataset, categorical, score, write_labels
 from streaming_mads.selection.board import WeightBoard
-from streaming_mads.console.console import Console, ConsoleConfig
+from streaming_mads.console import Console, ConsoleConfig
 from streaming_mads.selection.pools import log_positions
 
 SIZES = (600_000, 300_000, 100_000)  # Unequal streams, written one after another.

@@ -28,10 +28,10 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, extra=()):
     data, ref = corpus
-    return [f'train_loader.dataset.local={data}', f'streaming_mads.algorithms.mads_console.reference={ref}',
+    return [f'train_loader.dataset.local={data}', f'algorithms.mads_console.reference={ref}',
             f'eval_loaders=[{{label: reference, dataset: {{local: {ref}}}}}]',
             'model.vocab_size=32', 'max_seq_len=16', 'model.n_embd=32', 'global_train_batch_size=8',
-            'streaming_mads.algorithms.mads_console.update_interval=4', 'eval_interval=4ba',
+            'algorithms.mads_console.update_interval=4', 'eval_interval=4ba',
             'scheduler.t_warmup=2ba', *extra]
 
 
@@ -74,13 +74,13 @@ def test_uniform_baseline_yaml_runs(corpus):
     ('train_loader.name=nope', 'train_loader.name must be mads or streaming'),
     ('optimizer.name=adagrad', 'optimizer.name'),
     ('train_loader.dataset.pool_ratio=0.5', 'pool_ratio'),
-    ('streaming_mads.algorithms.mads_console.update_interval=0', 'update_interval'),
-    ('streaming_mads.algorithms.mads_console.probe_sizee=3', "algorithms.mads_console: .*probe_sizee"),
+    ('algorithms.mads_console.update_interval=0', 'update_interval'),
+    ('algorithms.mads_console.probe_sizee=3', "algorithms.mads_console: .*probe_sizee"),
     ('global_train_batch_size=null', 'global_train_batch_size'),
-    ('streaming_mads.algorithms.bandit={}', 'mads_console and domain_bandit'),
-    ('streaming_mads.algorithms.domain_bandit={update_interval: 5}', 'not both'),
+    ('algorithms.bandit={}', 'mads_console and domain_bandit'),
+    ('algorithms.domain_bandit={update_interval: 5}', 'not both'),
     ('algorithms={domain_bandit: {decay: 1.5}}', 'decay'),
-    ('streaming_mads.algorithms.mads_console.reward=dot', 'reward'),
+    ('algorithms.mads_console.reward=dot', 'reward'),
 ])
 def test_config_errors_name_the_key(corpus, override, match):
     with pytest.raises((ConfigError, ValueError), match=match):
@@ -125,7 +125,7 @@ def test_demo_pipeline_on_a_reduced_budget(tmp_path):
     assert not set(os.listdir(text.reference)) & set(os.listdir(text.evaluation))
     out = os.path.join(tmp_path, 'demo')
     results = run_demo(out, budget='12ba', code_bytes=150_000, seq_len=64, vocab_size=512,
-                       progress=False, overrides=['streaming_mads.algorithms.mads_console.update_interval=5',
+                       progress=False, overrides=['algorithms.mads_console.update_interval=5',
                                                   'eval_interval=6ba'])
     assert results['mads']['batches'] == results['uniform']['batches'] == 12
     assert results['mads']['tokens'] == results['uniform']['tokens']

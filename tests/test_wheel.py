@@ -8,7 +8,9 @@ environment's third-party packages, without their ``.pth`` hooks).
 
 from __future__ import annotations
 
+import configparser
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +25,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def installed(tmp_path_factory):
     """``(wheel file, target folder)`` of a wheel built from this checkout."""
     out = tmp_path_factory.mktemp('wheel')
+    # A copy of the checkout: setuptools leaves build/ in the tree it builds, whose stale files
+    # would otherwise travel in later wheels, and nothing of the working tree is touched.
+    src = out / 'src'
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        '.git', '.venv', 'build', 'dist', '*.egg-info', '__pycache__', '.pytest_cache', 'runs',
+        'mads-demo'))
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps',
-                    '--no-build-isolation', '-w', str(out / 'dist'), ROOT], check=True)
+                    '--no-build-isolation', '-w', str(out / 'dist'), str(src)], check=True)
     wheels = list((out / 'dist').glob('streaming_mads-*.whl'))
     assert len(wheels) == 1, wheels
     target = out / 'site'
@@ -52,12 +60,14 @@ def test_wheel_holds_one_namespace_and_the_yamls(installed):
                      and n.endswith('.yaml'))
     assert shipped == sorted(f for f in os.listdir(os.path.join(ROOT, 'yamls')) if f.endswith('.yaml'))
     entry_points = next(n for n in names if n.endswith('.dist-info/entry_points.txt'))
-    text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for line in ('mads = streaming_mads.run.cli:main',
-                 'mads_console = streaming_mads.algorithms.agent_console:AgentConsole',
-                 'domain_bandit = streaming_mads.algorithms.domain_bandit:DomainBandit',
-                 'mads = streaming_mads.run.foundry:build_mads_dataloader'):
-        assert line in text, (line, text)
+    groups = configparser.ConfigParser(delimiters=('=',))
+    groups.read_string(zipfile.ZipFile(wheel).read(entry_points).decode())
+    algorithms = {'mads_console': 'streaming_mads.algorithms.agent_console:AgentConsole',
+                  'domain_bandit': 'streaming_mads.algorithms.domain_bandit:DomainBandit'}
+    assert dict(groups['console_scripts']) == {'mads': 'streaming_mads.run.cli:main'}
+    assert dict(groups['llmfoundry_dataloaders']) == {
+        'mads': 'streaming_mads.run.foundry:build_mads_dataloader'}
+    assert dict(groups['llmfoundry_algorithms']) == algorithms
 
 
 def test_installed_package_runs_from_the_wheel(installed, tmp_path):
@@ -73,8 +83,8 @@ def test_installed_package_runs_from_the_wheel(installed, tmp_path):
         'assert load_config("yamls/random-baseline-cpu.yaml")["train_loader"]["name"] == "streaming"\n'
         'dist = next(md.distributions(path=[target]))\n'
         'eps = {e.group + ":" + e.name: e.load() for e in dist.entry_points}\n'
-        'assert eps["streaming_mads.algorithms:domain_bandit"] is a.DomainBandit\n'
-        'assert eps["streaming_mads.algorithms:mads_console"] is a.AgentConsole\n'
+        'assert eps["llmfoundry_algorithms:domain_bandit"] is a.DomainBandit\n'
+        'assert eps["llmfoundry_algorithms:mads_console"] is a.AgentConsole\n'
         'print(",".join(shipped_configs()))\n')
     out = _run(target, '-c', probe, cwd=tmp_path)
     assert 'quickstart-cpu.yaml' in out and 'gpu-125m.yaml' in out

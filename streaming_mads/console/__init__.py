@@ -1,9 +1,11 @@
 """The console in the main process: probe, measure influence, update memories and θ, publish.
 
-``console`` holds the update loop, ``rewards`` the update rule of the paper, ``bandit`` the
-ODM-style EXP3 baseline run by the same loop. See docs/architecture.md.
+``config`` holds the settings, ``console`` the loop, ``rewards`` the update rule of the paper,
+``bandit`` the ODM-style EXP3 baseline run by the same loop, ``reference`` the reference set and
+``metrics`` logger-safe metric names. See docs/architecture.md.
 """
 
-from streaming_mads.console.console import Console, ConsoleConfig
+from streaming_mads.console.config import ConsoleConfig
+from streaming_mads.console.console import Console
 
-__all__ = [Console, ConsoleConfig]
+__all__ = ['Console', 'ConsoleConfig']

@@ -22,16 +22,16 @@ batch; here every domain is measured on the probes (a little more information, n
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from streaming_mads.console.console import Console, ConsoleConfig, metric_token
-from streaming_mads.distributed import all_gather_object, rank_world
-from streaming_mads.influence.influence import PerSampleLoss, _influence_mode, _unwrap_ddp
+from streaming_mads.console.config import ConsoleConfig
+from streaming_mads.console.console import Console
+from streaming_mads.console.metrics import metric_token
+from streaming_mads.influence import PerSampleLoss, influence_mode, unwrap_ddp
 
 __all__ = ['exploration_rate', 'exp3_policy', 'exp3_update', 'memory_for_shares', 'BanditConsole']
 
@@ -114,45 +114,40 @@ class BanditConsole(Console):
             self.estimates = np.zeros(dataset.agents[self._arm()].num_values)
         super().attach(dataset, depth, reference, batches_per_epoch)
 
-    def _losses(self, model: torch.nn.Module, ids: NDArray[np.int64]) -> NDArray[np.float64]:
+    def measure(self, model: torch.nn.Module, version: int, ids: NDArray[np.int64],
+                optimizer: Optional[torch.optim.Optimizer] = None) -> NDArray[np.float64]:
+        """This rank's probes' training loss: one forward pass (``optimizer`` is unused)."""
         assert self.dataset is not None
         if not len(ids):
             return np.zeros(0)
-        net = _unwrap_ddp(model)
+        net = unwrap_ddp(model)
         batch = self.make_batch([self.dataset[int(i)] for i in ids])
-        with _influence_mode(net), torch.no_grad():
+        with influence_mode(net), torch.no_grad():
             return self.loss_fn(net, batch).detach().double().cpu().numpy()
 
-    def step(self, model: torch.nn.Module, version: int,
-             optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[None, dict[str, float]]:
-        """Measure the probes' training loss per arm, move EXP3, publish ``version``.
-
-        ``optimizer`` is unused (the console's signature: the training loss needs no
-        preconditioner)."""
+    def learn(self, version: int, probe_ids: NDArray[np.int64],
+              losses: NDArray[np.float64]) -> Optional[NDArray[np.float64]]:
+        """EXP3 on the arms' mean probe loss; the new policy ``π``, ``None`` (skipped) when no
+        probe was logged or a loss is not finite. Every rank computes it (same inputs)."""
         assert self.dataset is not None
-        start = time.perf_counter()
-        rank, _ = rank_world()
         arm = self._arm()
         agent = self.dataset.agents[arm]
-        probe_ids, owners = self.draw_probe(version)
-        losses = np.empty(len(probe_ids), np.float64)
-        for r, part in enumerate(all_gather_object(self._losses(model, probe_ids[owners == rank]))):
-            losses[owners == r] = part
-        if len(probe_ids) and np.all(np.isfinite(losses)):
-            by_arm = _mean_by_domain(self.dataset.label_ids(probe_ids)[arm], losses,
-                                     agent.num_values)
-            self.estimates = exp3_update(self.estimates, self.policy(), by_arm, self.decay)
-            self.steps += 1
-            agent.memory = memory_for_shares(self.policy(), agent.freq)
-        else:
-            self.skipped += 1
-        self.publish(version)
-        self._trim()
-        metrics = self.metrics(None, losses)
-        for k, value in enumerate(agent.value_names):
-            metrics[f'mads/bandit/policy/{metric_token(value)}'] = float(self.policy()[k])
-        metrics['mads/update_time_s'] = time.perf_counter() - start
-        return None, metrics
+        if not len(probe_ids) or not np.all(np.isfinite(losses)):
+            return None
+        by_arm = _mean_by_domain(self.dataset.label_ids(probe_ids)[arm], losses, agent.num_values)
+        self.estimates = exp3_update(self.estimates, self.policy(), by_arm, self.decay)
+        self.steps += 1
+        agent.memory = memory_for_shares(self.policy(), agent.freq)
+        return self.policy()
+
+    def metrics(self, update: Optional[NDArray], losses: NDArray) -> dict[str, float]:
+        """The console's metrics (``mads/reward/*`` are the probes' losses) and the policy."""
+        assert self.dataset is not None
+        out = super().metrics(None, losses)
+        policy = self.policy()
+        for k, value in enumerate(self.dataset.agents[self._arm()].value_names):
+            out[f'mads/bandit/policy/{metric_token(value)}'] = float(policy[k])
+        return out
 
     def policy(self) -> NDArray[np.float64]:
         """The current sampling policy ``π`` over the arms."""

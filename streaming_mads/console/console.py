@@ -1,158 +1,40 @@
-"""The agent console's state and update step, independent of Composer's event loop.
+"""The console's loop, independent of Composer's event loop: probe, measure, learn, publish.
 
-:class:`Console` holds θ, the agents (owned by the :class:`MADSDataset` it drives), the schedule
-and the versions published so far. Its :meth:`Console.step` is one update: draw a stratified probe
-set from candidates the ranks' workers logged since the last update (data each rank already read,
-so probes cost no extra download and represent exactly what the loader samples), measure each
-probe's influence on the reference loss with the live model on the rank that owns it, combine
-across ranks, update memories and θ (:mod:`streaming_mads.console.rewards`) and publish the next version.
-``algorithms.AgentConsole`` only decides *when* to call it and wires Composer's state into it.
+:class:`Console` holds θ, the schedule and the published versions; the agents are the
+:class:`MADSDataset`'s. Probes are candidates the ranks' workers already read (no extra download,
+exactly what the loader samples), each measured on the rank that read it. :meth:`Console.step`
+is the one loop; the update rule is :meth:`Console.measure` and :meth:`Console.learn` (influence
+and :mod:`~streaming_mads.console.rewards` here, EXP3 in :mod:`~streaming_mads.console.bandit`).
+docs/architecture.md has the long form.
 """
 
 from __future__ import annotations
 
-import math
-import re
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from streaming_mads.console.config import ConsoleConfig
+from streaming_mads.console.metrics import metric_token, metric_tokens
+from streaming_mads.console.rewards import Update, reward_signal, stratified_probe, update_weights
 from streaming_mads.distributed import all_gather_object, broadcast_object, rank_world
-from streaming_mads.selection.dataset import MADSDataset
-from streaming_mads.influence.influence import PerSampleLoss, compute_influence, reference_gradient
+from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
 from streaming_mads.influence.preconditioning import adam_preconditioned
-from streaming_mads.console.rewards import REWARDS, Update, reward_signal, stratified_probe, update_weights
+from streaming_mads.selection.dataset import MADSDataset
 from streaming_mads.selection.scores import combined_scores, repeat_penalized, simulate_keep
 
-__all__ = ['ConsoleConfig', 'Console', 'prefetch_depth', 'metric_token']
-
-
-@dataclass
-class ConsoleConfig:
-    """Settings of the agent console (every field is a YAML key of ``mads_console``).
-
-    Args:
-        update_interval (int): ``W``: batches per weight version. Defaults to ``150`` (the
-            console then costs under 5% of a small CPU run's time; see
-            ``benchmarks/console_overhead.py``).
-        lead (int, optional): ``L``: a version is published ``L`` batches before its first batch;
-            must exceed the DataLoader's ``num_workers x prefetch_factor`` and be below ``W``.
-            ``None``: that prefetch depth + 1. Defaults to ``None``.
-        probe_size (int): Probe samples per update, over all ranks. Defaults to ``64``.
-        probe_pool (int): Most candidates, over all ranks, the probe set is stratified from; they
-            are a uniform subset of the pools the ranks read since the last update. Defaults to
-            ``4096``.
-        reference_size (int): Reference samples used for ``∇L_R`` at each update, over all ranks:
-            a fresh draw from the whole reference set each update (seeded by ``seed`` and the
-            version, the same on every rank). Defaults to ``32``.
-        reward (str): ``'inner'`` (influence ``⟨∇ℓ(x), ∇L_R⟩``), ``'cosine'`` (divided by
-            ``|∇ℓ(x)|``, so high-loss samples with large gradients do not dominate) or ``'adam'``
-            (the influence of an Adam step: the reference gradient preconditioned by the
-            trainer's Adam second moments; :mod:`streaming_mads.influence.preconditioning`). Defaults to
-            ``'inner'``.
-        value_prior (float): Pseudo-probes of reward 0 behind every label value's estimate, so a
-            value seen in few probes moves its memory little. Defaults to ``4``.
-        repeat_penalty (float): ``ρ``: a value's published weight is its memory divided by
-            ``1 + ρ · e``, ``e`` the times each of its samples was kept on average so far (the
-            paper's ``1 + 0.1 · count``, per label value). ``0`` turns it off. Defaults to
-            ``0.1``.
-        lr_memory (float): ``η`` of the agents' memories. Defaults to ``0.5``.
-        lr_theta (float): ``η_θ`` of the collaborative weights. Defaults to ``1.0``.
-        memory_floor (float): Smallest memory weight relative to the mean. Defaults to ``0.05``.
-        memory_cap (float): Largest memory weight relative to the mean. Defaults to ``20``.
-        theta_floor (float): Smallest share of θ per agent. Defaults to ``0.05``.
-        seed (int): Seed of probe draws (with the version number). Defaults to ``0``.
-        probe_micro_batch (int, optional): Most samples per forward/backward of the influence
-            pass (reference and probes), so it needs no more activation memory than a training
-            step. ``None``: the trainer's ``device_train_microbatch_size``. Defaults to ``None``.
-        activation_checkpointing (bool): Recompute the model's blocks in the influence pass'
-            backward instead of keeping their activations (about a third more influence compute,
-            activation memory of about one block). Defaults to ``True``.
-    """
-    update_interval: int = 150
-    lead: Optional[int] = None
-    probe_size: int = 64
-    probe_pool: int = 4096
-    reference_size: int = 32
-    reward: str = 'inner'
-    value_prior: float = 4.0
-    repeat_penalty: float = 0.1
-    lr_memory: float = 0.5
-    lr_theta: float = 1.0
-    memory_floor: float = 0.05
-    memory_cap: float = 20.0
-    theta_floor: float = 0.05
-    seed: int = 0
-    probe_micro_batch: Optional[int] = None
-    activation_checkpointing: bool = True
-
-    def __post_init__(self) -> None:
-        if self.update_interval < 1:
-            raise ValueError(f'update_interval must be >= 1 batch, got {self.update_interval}.')
-        if self.probe_size < 2 or self.reference_size < 1 or self.probe_pool < self.probe_size:
-            raise ValueError('Need probe_size >= 2, reference_size >= 1 and probe_pool >= '
-                             'probe_size.')
-        if self.lr_memory < 0 or self.lr_theta < 0:
-            raise ValueError('Learning rates lr_memory and lr_theta must be >= 0.')
-        if not 0 < self.memory_floor <= 1 <= self.memory_cap:
-            raise ValueError('Need 0 < memory_floor <= 1 <= memory_cap.')
-        if self.probe_micro_batch is not None and self.probe_micro_batch < 1:
-            raise ValueError(f'probe_micro_batch must be >= 1, got {self.probe_micro_batch}.')
-        if self.reward not in REWARDS:
-            raise ValueError(f'mads_console reward={self.reward!r}: use one of {list(REWARDS)}.')
-        if self.repeat_penalty < 0:
-            raise ValueError(f'mads_console repeat_penalty must be >= 0, got {self.repeat_penalty}.')
-        if not self.value_prior > 0:
-            raise ValueError(f'mads_console value_prior must be > 0, got {self.value_prior}.')
+__all__ = ['Console', 'prefetch_depth']
 
 
 #: Third seed word of the reference draws (keeps them apart from the probe draws' stream).
 _REFERENCE_STREAM = 0x5EF
 #: Third seed word of the simulated pools that estimate what the loader kept.
 _KEEP_STREAM = 0x4EE
-
-_BIN_RE = re.compile(r'^(?:<(?P<lt>[^,]+)|>=(?P<ge>[^,]+)|\[(?P<lo>[^,]+),(?P<hi>[^,]+)\))$')
-_UNSAFE_RE = re.compile(r'[^A-Za-z0-9_.-]')
-
-
-def _number_token(text: str) -> str:
-    """A bin edge as a token: a leading minus becomes ``m``, so ``-`` only joins edges."""
-    text = text.strip()
-    return 'm' + text[1:] if text.startswith('-') else text
-
-
-def metric_token(name: str) -> str:
-    """``name`` (an agent or label value) as one level of a metric name every logger accepts.
-
-    MLflow refuses a whole batch of metrics (the trainer's loss included) if one name holds a
-    character outside letters, digits, ``_ - . / :`` and space; TensorBoard and W&B accept less
-    still. So value names are reduced to letters, digits, ``_``, ``-`` and ``.``: bins read
-    ``<1`` -> ``lt1``, ``[1,2)`` -> ``1-2``, ``>=4`` -> ``ge4``; any other character, a ``/``
-    included (it would add a level to the name), becomes ``_``.
-    """
-    match = _BIN_RE.match(name.strip())
-    if match:
-        if match['lt'] is not None:
-            name = 'lt' + _number_token(match['lt'])
-        elif match['ge'] is not None:
-            name = 'ge' + _number_token(match['ge'])
-        else:
-            name = f'{_number_token(match["lo"])}-{_number_token(match["hi"])}'
-    return _UNSAFE_RE.sub('_', name) or '_'
-
-
-def _metric_tokens(names: Sequence[str]) -> list[str]:
-    """:func:`metric_token` of each name, made unique (``_<position>`` added on a clash)."""
-    tokens = [metric_token(n) for n in names]
-    seen: dict[str, int] = {}
-    for t in tokens:
-        seen[t] = seen.get(t, 0) + 1
-    return [f'{t}_{k}' if seen[t] > 1 else t for k, t in enumerate(tokens)]
 
 
 def prefetch_depth(dataloader: Any) -> int:
@@ -291,25 +173,22 @@ class Console:
 
     def due(self, batches_done: int) -> Optional[int]:
         """The version to publish now that ``batches_done`` batches are done, if any."""
-        nxt = self.latest + 1
-        if self.dataset is not None and batches_done >= nxt * self.config.update_interval - self.lead:
-            return nxt
-        return None
+        if self.dataset is None:
+            return None
+        return self.dataset.board.schedule.due(self.latest, batches_done)
 
     # -- the update step -------------------------------------------------------------------
 
     def probe_window(self, version: int) -> tuple[int, int]:
-        """Global batches ``[start, stop)`` whose pools feed ``version``'s probes.
-
-        The batches done since the previous update: every one of them was built (and its
-        candidates' shards downloaded) by this rank's workers before the update runs.
-        """
-        stop = version * self.config.update_interval - self.lead
-        return max(0, stop - self.config.update_interval), stop
+        """Global batches ``[start, stop)`` whose pools feed ``version``'s probes (the batches
+        done since the previous update; :mod:`streaming_mads.selection.schedule`)."""
+        assert self.dataset is not None
+        return self.dataset.board.schedule.probe_window(version)
 
     def _log_quota(self, batches: int) -> int:
+        assert self.dataset is not None
         _, world = rank_world()
-        return max(1, math.ceil(self.config.probe_pool / world / max(1, batches)))
+        return self.dataset.board.schedule.log_quota(self.config.probe_pool, world, batches)
 
     def _logged(self, version: int, before: Optional[int] = None) -> dict[int, NDArray[np.int64]]:
         """This rank's share of ``version``'s candidates per logged batch (before ``before``).
@@ -373,53 +252,73 @@ class Console:
         rng = np.random.default_rng((self.config.seed, version, _REFERENCE_STREAM))
         return np.sort(rng.choice(n, size=min(self.config.reference_size, n), replace=False))
 
-    def _measure(self, model: torch.nn.Module, ids: NDArray[np.int64],
-                 grad: Any) -> tuple[NDArray[np.float64], Optional[NDArray[np.float64]]]:
-        """This rank's probes' influence and, for the cosine reward, their gradient norms."""
-        assert self.dataset is not None
-        # Every rank calls, one without probes with None: under FSDP the passes are collective.
-        batch = self.make_batch([self.dataset[int(i)] for i in ids]) if len(ids) else None
-        cosine = self.config.reward == 'cosine'
-        out = compute_influence(model, batch, loss_fn=self.loss_fn, reference_grad=grad,
-                                return_norms=cosine, **self.influence_options)
-        inner, norms = out if cosine else (out, None)
-        as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
-        return as_np(inner), None if norms is None else as_np(norms)
-
     def step(self, model: torch.nn.Module, version: int,
-             optimizer: Optional[torch.optim.Optimizer] = None
-             ) -> tuple[Optional[Update], dict[str, float]]:
-        """One update producing ``version``; returns it and the metrics to log.
+             optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[Any, dict[str, float]]:
+        """One update producing ``version``; returns what the rule applied and the metrics to log.
 
-        Influence: each rank measures the probes it owns and takes every ``world``-th sample of
-        the version's reference draw; the reference gradient is the exact mean over the draw
-        (summed across ranks, whatever each rank's share, none included); the rewards are
-        gathered, rank 0 computes the update and moves the memories, and every rank receives
-        its result, so all ranks publish the same bytes. ``optimizer``: the trainer's, needed by
-        ``reward: adam`` (its preconditioner).
+        The loop every console shares: draw ``version``'s probe set (:meth:`draw_probe`), let
+        each rank measure the probes it owns (:meth:`measure`, collective), gather the numbers
+        into probe order, hand them to the update rule (:meth:`learn`: new memories and θ, or
+        ``None`` to skip), publish ``version`` and collect the metrics. A subclass supplies only
+        :meth:`measure` and :meth:`learn` (and may add metrics). ``optimizer``: the trainer's,
+        for a rule that needs it (``reward: adam``).
+        """
+        assert self.dataset is not None
+        start = time.perf_counter()
+        rank, _ = rank_world()
+        probe_ids, owners = self.draw_probe(version)
+        signal = np.empty(len(probe_ids), np.float64)
+        for r, part in enumerate(all_gather_object(
+                self.measure(model, version, probe_ids[owners == rank], optimizer))):
+            signal[owners == r] = part
+        update = self.learn(version, probe_ids, signal)
+        if update is None:
+            self.skipped += 1
+        self.publish(version)
+        self._trim()
+        metrics = self.metrics(update, signal)
+        metrics['mads/update_time_s'] = time.perf_counter() - start
+        return update, metrics
+
+    def measure(self, model: torch.nn.Module, version: int, ids: NDArray[np.int64],
+                optimizer: Optional[torch.optim.Optimizer] = None) -> NDArray[np.float64]:
+        """The reward of each of this rank's probes ``ids``: its influence on the reference loss.
+
+        Each rank takes every ``world``-th sample of ``version``'s reference draw; the reference
+        gradient is the exact mean over the draw (summed across ranks, whatever each rank's
+        share, none included). Every rank calls, one without probes too: under FSDP the passes
+        are collective.
         """
         assert self.dataset is not None
         cfg = self.config
-        start = time.perf_counter()
         rank, world = rank_world()
-        probe_ids, owners = self.draw_probe(version)
         ref_ids = self.reference_ids(version)
         ref = [self.reference[int(i)] for i in ref_ids[rank::world]]
         grad = reference_gradient(model, self.make_batch(ref) if ref else None, self.loss_fn,
                                   num_samples=len(ref_ids), **self.influence_options)
         if cfg.reward == 'adam':
             grad = adam_preconditioned(grad, optimizer)
-        inner = np.empty(len(probe_ids), np.float64)
-        norms = np.empty(len(probe_ids), np.float64)
-        measured = all_gather_object(self._measure(model, probe_ids[owners == rank], grad))
-        for r, (part, part_norms) in enumerate(measured):
-            inner[owners == r] = part
-            if part_norms is not None:
-                norms[owners == r] = part_norms
-        rewards = reward_signal(inner, norms, cfg.reward)
+        batch = self.make_batch([self.dataset[int(i)] for i in ids]) if len(ids) else None
+        cosine = cfg.reward == 'cosine'
+        out = compute_influence(model, batch, loss_fn=self.loss_fn, reference_grad=grad,
+                                return_norms=cosine, **self.influence_options)
+        inner, norms = out if cosine else (out, None)
+        as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+        return reward_signal(as_np(inner), None if norms is None else as_np(norms), cfg.reward)
+
+    def learn(self, version: int, probe_ids: NDArray[np.int64],
+              rewards: NDArray[np.float64]) -> Optional[Update]:
+        """The update rule (:mod:`streaming_mads.console.rewards`): move the memories and θ.
+
+        Rank 0 computes the update and moves the memories, and every rank receives its result,
+        so all ranks publish the same bytes. ``None`` (weights unchanged, with a warning) when no
+        probe was logged or an influence is not finite.
+        """
+        assert self.dataset is not None
+        cfg = self.config
         agents = self.dataset.agents
         result = None
-        if rank == 0:
+        if rank_world()[0] == 0:
             update = update_weights([a.score_table() for a in agents], self.theta,
                                     self.dataset.label_ids(probe_ids), rewards,
                                     lr_theta=cfg.lr_theta, theta_floor=cfg.theta_floor,
@@ -432,19 +331,14 @@ class Console:
             result = (update, [a.memory for a in agents], self.kept)
         update, memories, self.kept = broadcast_object(result)
         if update is None:
-            self.skipped += 1
             why = 'no probe candidates were logged' if not len(probe_ids) else \
                 'non-finite influence (NaN/inf loss or gradients)'
             warnings.warn(f'MADS update for version {version} skipped: {why}; weights unchanged.')
-        else:
-            for agent, memory in zip(agents, memories):
-                agent.memory = memory
-            self.theta = update.theta
-        self.publish(version)
-        self._trim()
-        metrics = self.metrics(update, rewards)
-        metrics['mads/update_time_s'] = time.perf_counter() - start
-        return update, metrics
+            return None
+        for agent, memory in zip(agents, memories):
+            agent.memory = memory
+        self.theta = update.theta
+        return update
 
     def _trim(self) -> None:
         """Forget restored probe-log entries the next update no longer needs."""
@@ -480,7 +374,7 @@ class Console:
                 out[f'mads/predictiveness/{name}'] = float(update.predictiveness[i])
             mean = agent.memory.mean()
             total = delta[i].sum()
-            for k, value in enumerate(_metric_tokens(agent.value_names)):
+            for k, value in enumerate(metric_tokens(agent.value_names)):
                 out[f'mads/memory/{name}/{value}'] = float(agent.memory[k] / mean)
                 if total > 0:
                     out[f'mads/selected_share/{name}/{value}'] = float(delta[i][k] / total)

@@ -2,4 +2,4 @@
 
 from streaming_mads.convert.convert import ConvertError, convert
 
-__all__ = [convert, ConvertError]
+__all__ = ['convert', 'ConvertError']

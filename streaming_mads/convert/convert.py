@@ -17,9 +17,10 @@ Sample modes (``mode``):
 
 Beside the shards, ``<out>/mads_convert.json`` records the streams, per-domain counts, columns and
 the tokeniser (saved in ``<out>/tokenizer/``, a Hugging Face tokenizer directory for trained and
-file tokenisers), which ``mads label`` reads to find the streams and to decode tokens. Each
-shard's ``xxh3_64`` hash is recorded in ``index.json`` by default, which binds sidecar labels to
-shard content (see :mod:`streaming_mads.labels`).
+file tokenisers), which ``mads label`` reads to find the streams and to decode tokens (the
+record's schema and readers are in :mod:`streaming_mads.convert_record`). Each shard's
+``xxh3_64`` hash is recorded in ``index.json`` by default, which binds sidecar labels to shard
+content (see :mod:`streaming_mads.labels`).
 
 Memory: a document longer than 64K characters is tokenised in pieces cut at word starts (same
 ids, see :func:`text_pieces`), so peak memory holds the document's text once plus a bounded
@@ -28,90 +29,36 @@ working set, whatever its length.
 Determinism: inputs are read in the order given (directories in sorted order), tokenisers and
 MDSWriter are deterministic and nothing time-dependent is written, so the same inputs and options
 give byte-identical output. The output is built in ``<out>.mads-tmp`` and renamed into place, so
-an interrupted run never leaves a half-written dataset at ``out``.
+an interrupted run never leaves a half-written dataset at ``out``. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import gzip
-import io
-import json
 import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
-import numpy as np
-from numpy.typing import NDArray
-
+from streaming_mads.convert.inputs import (DEFAULT_INCLUDE, Doc, Input, ReadOptions, default_domain,
+                                           is_jsonl, list_files, parse_input, read_jsonl, read_text,
+                                           text_pieces)
+from streaming_mads.convert.samples import DomainStats, EncodeBatch, Sink
+from streaming_mads.convert_record import (CONVERT_INFO_NAME, ConvertError, make_convert_info,
+                                           write_convert_info)
 from streaming_mads.tokenizer import (TOKENIZER_DIRNAME, Tokenizer, load_tokenizer, token_dtype,
                                      train_bpe)
 
 __all__ = [
     'ConvertError', 'Input', 'DomainStats', 'ConvertSummary', 'convert', 'parse_input',
-    'read_convert_info', 'CONVERT_INFO_NAME', 'DEFAULT_INCLUDE', 'DEFAULT_HASHES', 'text_pieces'
+    'DEFAULT_INCLUDE', 'DEFAULT_HASHES', 'text_pieces'
 ]
 
-CONVERT_INFO_NAME = 'mads_convert.json'
-CONVERT_FORMAT = 'mads-convert'
-DEFAULT_INCLUDE = ('*.txt', '*.md', '*.rst', '*.text', '*.jsonl', '*.jsonl.gz', '*.jsonl.zst')
-_JSONL_SUFFIXES = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.ndjson', '.json')
 _DOMAIN_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
-_ENCODE_BATCH = 256
-# Memory bound of tokenisation: a document longer than _PIECE_CHARS is encoded in pieces of about
-# that many characters, and a batch handed to the tokenizer holds at most _BATCH_CHARS characters.
-# Fast tokenizers keep ~150 bytes of bookkeeping per input character while encoding, so these
-# bound the tokenizer's working set (~80 MB) whatever a document's size.
-_PIECE_CHARS = 1 << 16
-_BATCH_CHARS = 1 << 19
 # Recorded per shard in index.json unless --hashes says otherwise: it makes the index (and so the
 # sidecar labels' fingerprint of it) change with shard content, and lets readers verify shards.
 DEFAULT_HASHES = ('xxh3_64',)
-
-
-class ConvertError(ValueError):
-    """An input cannot be converted; the message names the input and the fix."""
-
-
-@dataclass(frozen=True)
-class Input:
-    """One input of ``mads convert``.
-
-    Args:
-        path (str): A jsonl file (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``), a text file, or a
-            directory searched recursively for files matching the include globs.
-        domain (str, optional): Domain of its documents; defaults to the file's or directory's
-            name without extensions.
-    """
-    path: str
-    domain: Optional[str] = None
-
-
-def parse_input(arg: str) -> Input:
-    """Parse a command-line input: ``PATH`` or ``DOMAIN=PATH`` (an existing path wins)."""
-    if '=' in arg and not os.path.exists(arg):
-        domain, path = arg.split('=', 1)
-        return Input(path, domain or None)
-    return Input(arg)
-
-
-def _default_domain(path: str) -> str:
-    name = os.path.basename(os.path.normpath(path))
-    for suffix in ('.gz', '.zst'):
-        name = name[:-len(suffix)] if name.endswith(suffix) else name
-    return name.split('.', 1)[0] or name
-
-
-@dataclass
-class DomainStats:
-    """Counts of one domain: documents read, samples written, tokens in samples, tokens dropped."""
-    documents: int = 0
-    samples: int = 0
-    tokens: int = 0
-    dropped_tokens: int = 0
 
 
 @dataclass
@@ -147,302 +94,6 @@ class ConvertSummary:
         lines.insert(1, '-' * len(lines[0]))
         lines.insert(len(lines) - 1, '-' * len(lines[0]))
         return '\n'.join(lines)
-
-
-def read_convert_info(root: str) -> Optional[dict[str, Any]]:
-    """The ``mads_convert.json`` record of a dataset written by ``mads convert``, or ``None``."""
-    path = os.path.join(root, CONVERT_INFO_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding='utf-8') as f:
-        info = json.load(f)
-    if info.get('format') != CONVERT_FORMAT:
-        raise ConvertError(f'{path} is not a mads convert record.')
-    return info
-
-
-def find_convert_info(dirs: Iterable[str]) -> Optional[tuple[str, dict[str, Any]]]:
-    """The first ``mads_convert.json`` in one of ``dirs`` or its parent (a ``--layout streams``
-    output keeps it one level above each stream): ``(root, record)``, or ``None``."""
-    for directory in dirs:
-        for root in (directory, os.path.dirname(os.path.normpath(directory))):
-            info = read_convert_info(root)
-            if info is not None:
-                return root, info
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading documents.
-
-
-@dataclass(frozen=True)
-class _ReadOptions:
-    text_field: str
-    meta_fields: tuple[str, ...]
-    domain_field: Optional[str]
-    include: tuple[str, ...]
-    doc_split: str
-    encoding_errors: str
-
-
-@dataclass
-class _Doc:
-    text: str
-    domain: str
-    meta: dict[str, str]
-
-
-def _list_files(inp: Input, include: Sequence[str]) -> list[str]:
-    path = inp.path
-    if not os.path.exists(path):
-        raise ConvertError(f'Input {path} does not exist: check the path (inputs are files or '
-                           'directories, optionally as DOMAIN=PATH).')
-    if os.path.isfile(path):
-        if os.path.getsize(path) == 0:
-            raise ConvertError(f'Input {path} is empty: remove it or give a file with text.')
-        return [path]
-    files = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        for name in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, name), path)
-            if name.startswith('.'):
-                continue
-            if any(fnmatch.fnmatch(name, g) or fnmatch.fnmatch(rel, g) for g in include):
-                files.append(os.path.join(dirpath, name))
-    if not files:
-        raise ConvertError(f'Input directory {path} has no files matching --include '
-                           f'{" ".join(include)}: add a glob that matches its files.')
-    return files
-
-
-def _open_binary(path: str) -> tuple[IO[bytes], IO[bytes]]:
-    """(stream of decompressed bytes, raw file whose position tracks progress)."""
-    try:
-        raw = open(path, 'rb')
-    except OSError as err:
-        raise ConvertError(f'Cannot read input {path}: {err.strerror}: check its permissions.') from err
-    if path.endswith('.gz'):
-        return gzip.GzipFile(fileobj=raw), raw
-    if path.endswith('.zst'):
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), raw
-    return raw, raw
-
-
-def _decode(data: bytes, path: str, where: str, errors: str) -> str:
-    try:
-        return data.decode('utf-8', errors=errors)
-    except UnicodeDecodeError as err:
-        raise ConvertError(f'{path}{where}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset '
-                           f'{err.start}): re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) '
-                           'or pass --encoding-errors replace.') from None
-
-
-def _meta_value(value: Any) -> str:
-    if value is None:
-        return ''
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def _read_jsonl(path: str, domain: str, opts: _ReadOptions) -> Iterator[tuple[Optional[_Doc], int]]:
-    stream, raw = _open_binary(path)
-    pos = 0
-    with raw, stream:
-        for lineno, line in enumerate(stream, 1):
-            now = raw.tell()
-            delta, pos = now - pos, now
-            if not line.strip():
-                yield None, delta
-                continue
-            where = f':{lineno}'
-            text_line = _decode(line, path, where, opts.encoding_errors)
-            try:
-                obj = json.loads(text_line)
-            except ValueError as err:
-                raise ConvertError(f'{path}{where}: invalid JSON ({err}): each line of a jsonl file '
-                                   'must be one JSON object.') from None
-            if not isinstance(obj, dict):
-                raise ConvertError(f'{path}{where}: expected a JSON object, got {type(obj).__name__}.')
-            if opts.text_field not in obj:
-                raise ConvertError(f'{path}{where}: no field {opts.text_field!r} (fields: '
-                                   f'{", ".join(sorted(obj)) or "none"}): pass the field that holds '
-                                   'the text as --text-field.')
-            text = obj[opts.text_field]
-            if not isinstance(text, str):
-                raise ConvertError(f'{path}{where}: field {opts.text_field!r} is '
-                                   f'{type(text).__name__}, not a string.')
-            doc_domain = domain
-            if opts.domain_field is not None:
-                if obj.get(opts.domain_field) in (None, ''):
-                    raise ConvertError(f'{path}{where}: no domain field {opts.domain_field!r}: give '
-                                       'every document one, or drop --domain-field.')
-                doc_domain = _meta_value(obj[opts.domain_field])
-            meta = {k: _meta_value(obj.get(k)) for k in opts.meta_fields}
-            yield (_Doc(text, doc_domain, meta) if text.strip() else None), delta
-
-
-def _read_text(path: str, domain: str, opts: _ReadOptions) -> Iterator[tuple[Optional[_Doc], int]]:
-    stream, raw = _open_binary(path)
-    with raw, stream:
-        data = stream.read()
-        size = raw.tell()
-    text = _decode(data, path, '', opts.encoding_errors)
-    del data  # This generator lives as long as its documents: hold the text only once.
-    meta = {k: '' for k in opts.meta_fields}
-    if opts.doc_split == 'file':
-        parts = [text]
-    elif opts.doc_split == 'line':
-        parts = text.splitlines()
-    else:
-        parts = re.split(r'\n[ \t\r]*\n', text)
-    docs = [_Doc(p, domain, meta) for p in parts if p.strip()]
-    for i, doc in enumerate(docs):
-        yield doc, size if i == 0 else 0
-    if not docs:
-        yield None, size
-
-
-def _is_jsonl(path: str) -> bool:
-    return any(path.endswith(s) for s in _JSONL_SUFFIXES)
-
-
-def _cut(text: str, lo: int, hi: int) -> int:
-    """Where to end a piece in ``text[lo:hi]``: the last single space between two non-spaces.
-
-    Byte-level BPE (GPT-2's pre-tokenizer regex, as ``--tokenizer train`` uses) and whitespace
-    pre-tokenizers start a word at such a space and never join it to the word before, so pieces
-    cut there encode to exactly the ids of the whole text (the bytes tokenizer is exact at any
-    cut). With no such space (e.g. a long run without whitespace) the piece ends at ``hi``, and
-    the tokens at that cut may differ from the whole's, as they may for a tokenizer whose
-    normaliser strips leading spaces.
-    """
-    i = text.rfind(' ', lo + 1, hi)
-    while i > lo:
-        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
-            return i
-        i = text.rfind(' ', lo + 1, i)
-    return hi
-
-
-def text_pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
-    """``text`` in consecutive pieces of at most ``size`` characters, cut at word starts.
-
-    Why: tokenising a long document at once costs memory proportional to its length (about
-    150 bytes per character for fast tokenizers); pieces keep it bounded. See :func:`_cut` for
-    why the ids do not change.
-    """
-    start = 0
-    while len(text) - start > size:
-        end = _cut(text, start + size // 2, start + size)
-        yield text[start:end]
-        start = end
-    yield text[start:]
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing.
-
-
-class _Sink:
-    """Turns documents of one domain into samples and writes them to that domain's writer."""
-
-    def __init__(self, writer: Any, domain: str, stats: DomainStats, mode: str, seq_len: int,
-                 eos_id: int, dtype: str, domain_column: bool) -> None:
-        self.writer = writer
-        self.domain = domain
-        self.stats = stats
-        self.mode = mode
-        self.seq_len = seq_len
-        self.eos_id = eos_id
-        self.dtype = np.dtype(dtype)
-        self.domain_column = domain_column
-        self.pending: list[NDArray] = []
-        self.pending_len = 0
-
-    def add_text(self, doc: _Doc, ntokens: int) -> None:
-        sample: dict[str, Any] = {'text': doc.text, **doc.meta}
-        if self.domain_column:
-            sample['domain'] = self.domain
-        self.writer.write(sample)
-        self.stats.samples += 1
-        self.stats.tokens += ntokens
-
-    def add_tokens(self, ids: NDArray, end: bool = True) -> None:
-        """Append a document's ids (or one piece of them), then EOS if ``end``."""
-        self.pending.append(ids)
-        if end:
-            self.pending.append(np.asarray([self.eos_id], np.int64))
-        self.pending_len += len(ids) + int(end)
-        if self.pending_len < self.seq_len:
-            return
-        flat = np.concatenate(self.pending)
-        full = len(flat) // self.seq_len * self.seq_len
-        for chunk in flat[:full].reshape(-1, self.seq_len):
-            sample: dict[str, Any] = {'tokens': chunk.astype(self.dtype)}
-            if self.domain_column:
-                sample['domain'] = self.domain
-            self.writer.write(sample)
-            self.stats.samples += 1
-            self.stats.tokens += self.seq_len
-        rest = flat[full:]
-        self.pending = [rest] if len(rest) else []
-        self.pending_len = len(rest)
-
-    def close(self) -> None:
-        self.stats.dropped_tokens += self.pending_len
-        self.pending, self.pending_len = [], 0
-
-
-class _Batch:
-    """Documents waiting to be tokenised together, as pieces of bounded total length.
-
-    Why: tokenizers encode a batch in parallel, but their memory grows with the characters in
-    flight, so a batch ends at ``_ENCODE_BATCH`` pieces or ``_BATCH_CHARS`` characters and a
-    long document is split by :func:`text_pieces`; its pieces reach its sink in order, EOS after
-    the last.
-    """
-
-    def __init__(self, tok: Optional[Tokenizer], mode: str) -> None:
-        self.tok = tok
-        self.mode = mode
-        self.items: list[tuple[_Sink, _Doc, str, bool]] = []  # (sink, doc, piece, last piece)
-        self.chars = 0
-        self.doc_tokens = 0  # Tokens of the current document's pieces so far (text mode).
-
-    def add(self, sink: _Sink, doc: _Doc) -> None:
-        pieces = text_pieces(doc.text)
-        piece = next(pieces)
-        for following in pieces:
-            self._append(sink, doc, piece, False)
-            piece = following
-        self._append(sink, doc, piece, True)
-
-    def _append(self, sink: _Sink, doc: _Doc, piece: str, last: bool) -> None:
-        self.items.append((sink, doc, piece, last))
-        self.chars += len(piece)
-        if len(self.items) >= _ENCODE_BATCH or self.chars >= _BATCH_CHARS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.items:
-            return
-        texts = [piece for _, _, piece, _ in self.items]
-        if self.tok is not None:
-            encoded = self.tok.encode_batch(texts)
-        else:  # Text mode with no tokenizer: only the byte count is recorded.
-            encoded = [np.empty(len(t.encode('utf-8')), np.int8) for t in texts]
-        for (sink, doc, _, last), ids in zip(self.items, encoded):
-            if self.mode == 'tokens':
-                sink.add_tokens(ids, end=last)
-                continue
-            self.doc_tokens += len(ids)
-            if last:
-                sink.add_text(doc, self.doc_tokens)
-                self.doc_tokens = 0
-        self.items.clear()
-        self.chars = 0
 
 
 def _progress(total: int, enabled: Optional[bool], desc: str, unit: str = 'B') -> Any:
@@ -513,22 +164,22 @@ def convert(inputs: Sequence[Union[Input, str]],
     if not inputs:
         raise ConvertError('No inputs: give at least one file or directory.')
     ins = [parse_input(i) if isinstance(i, str) else i for i in inputs]
-    opts = _ReadOptions(text_field, tuple(meta_fields), domain_field, tuple(include), doc_split,
+    opts = ReadOptions(text_field, tuple(meta_fields), domain_field, tuple(include), doc_split,
                         encoding_errors)
 
     out = os.path.normpath(out)
     _check_out(out, overwrite)
     plan = []  # (input, its domain, its files)
     for inp in ins:
-        domain = inp.domain or _default_domain(inp.path)
+        domain = inp.domain or default_domain(inp.path)
         _check_domain(domain, layout, f'input {inp.path}')
-        plan.append((inp, domain, _list_files(inp, include)))
+        plan.append((inp, domain, list_files(inp, include)))
     total_bytes = sum(os.path.getsize(f) for _, _, files in plan for f in files)
 
-    def documents(bar: Any = None) -> Iterator[tuple[Input, Optional[_Doc]]]:
+    def documents(bar: Any = None) -> Iterator[tuple[Input, Optional[Doc]]]:
         for inp, domain, files in plan:
             for path in files:
-                reader = _read_jsonl if _is_jsonl(path) else _read_text
+                reader = read_jsonl if is_jsonl(path) else read_text
                 for doc, nbytes in reader(path, domain, opts):
                     if bar is not None and nbytes:
                         bar.update(nbytes)
@@ -557,11 +208,11 @@ def convert(inputs: Sequence[Union[Input, str]],
         if layout == 'single':
             columns['domain'] = 'str'
 
-        sinks: dict[str, _Sink] = {}
+        sinks: dict[str, Sink] = {}
         stats: dict[str, DomainStats] = {}
         docs_per_input = {inp: 0 for inp in ins}
 
-        def sink_for(domain: str, where: str) -> _Sink:
+        def sink_for(domain: str, where: str) -> Sink:
             if domain not in sinks:
                 _check_domain(domain, layout, where)
                 stream = '' if layout == 'single' else domain
@@ -571,12 +222,12 @@ def convert(inputs: Sequence[Union[Input, str]],
                                                 hashes=sorted(hashes) or None,
                                                 size_limit=size_limit, exist_ok=False)
                 stats[domain] = DomainStats()
-                sinks[domain] = _Sink(writers[stream], domain, stats[domain], mode, seq_len,
+                sinks[domain] = Sink(writers[stream], domain, stats[domain], mode, seq_len,
                                       tok.eos_id if tok else 0, dtype or 'uint16',
                                       layout == 'single')
             return sinks[domain]
 
-        batch = _Batch(tok, mode)
+        batch = EncodeBatch(tok, mode)
         with _progress(total_bytes, progress, 'converting') as bar:
             for inp, doc in documents(bar):
                 if doc is None:
@@ -605,29 +256,24 @@ def convert(inputs: Sequence[Union[Input, str]],
         streams = []
         for stream in sorted(writers):
             doms = sorted(d for d in stats if (stream == '' or d == stream))
-            streams.append({'name': stream or _default_domain(out), 'path': stream, 'domains': doms,
+            streams.append({'name': stream or default_domain(out), 'path': stream, 'domains': doms,
                             'samples': sum(stats[d].samples for d in doms)})
-        info = {
-            'format': CONVERT_FORMAT,
-            'version': 1,
-            'mode': mode,
-            'layout': layout,
-            'seq_len': seq_len if mode == 'tokens' else None,
-            'columns': columns,
-            'tokenizer': tok_record or None,
-            'streams': streams,
-            'domains': {d: vars(s) for d, s in sorted(stats.items())},
-            'inputs': [{'path': i.path, 'domain': i.domain} for i in ins],
-            'options': {'text_field': text_field, 'meta_fields': list(meta_fields),
-                        'domain_field': domain_field, 'include': list(include),
-                        'doc_split': doc_split, 'encoding_errors': encoding_errors,
-                        'size_limit': size_limit, 'compression': compression,
-                        'hashes': sorted(hashes),
-                        'vocab_size': vocab_size if tokenizer == 'train' else None},
-        }
-        with open(os.path.join(tmp, CONVERT_INFO_NAME), 'w', encoding='utf-8') as f:
-            json.dump(info, f, indent=1, sort_keys=True)
-            f.write('\n')
+        info = make_convert_info(
+            mode=mode,
+            layout=layout,
+            seq_len=seq_len if mode == 'tokens' else None,
+            columns=columns,
+            tokenizer=tok_record or None,
+            streams=streams,
+            domains={d: vars(s) for d, s in sorted(stats.items())},
+            inputs=[{'path': i.path, 'domain': i.domain} for i in ins],
+            options={'text_field': text_field, 'meta_fields': list(meta_fields),
+                     'domain_field': domain_field, 'include': list(include),
+                     'doc_split': doc_split, 'encoding_errors': encoding_errors,
+                     'size_limit': size_limit, 'compression': compression,
+                     'hashes': sorted(hashes),
+                     'vocab_size': vocab_size if tokenizer == 'train' else None})
+        write_convert_info(tmp, info)
     except BaseException:
         for writer in writers.values():
             writer.cancel_future_jobs()

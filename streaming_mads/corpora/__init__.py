@@ -3,4 +3,4 @@
 from streaming_mads.corpora.demo import build_demo_text
 from streaming_mads.corpora.packages import build_packages_text
 
-__all__ = [build_demo_text, build_packages_text]
+__all__ = ['build_demo_text', 'build_packages_text']

@@ -1,6 +1,6 @@
 """Influence under Adam: the reference gradient seen through the optimizer's preconditioner.
 
-The first-order influence ``⟨∇ℓ(x), ∇L_R⟩`` (:mod:`streaming_mads.influence.influence`) is the change in the
+The first-order influence ``⟨∇ℓ(x), ∇L_R⟩`` (:mod:`streaming_mads.influence`) is the change in the
 reference loss after an SGD step on ``x``. The model trains with Adam, whose step on ``x`` is
 about ``-lr · P ∇ℓ(x)`` with the diagonal ``P = 1 / (sqrt(v̂) + ε)`` (``v̂`` the bias-corrected
 second moment), so the change it causes is ``-lr · ⟨P ∇ℓ(x), ∇L_R⟩ = -lr · ⟨∇ℓ(x), P ∇L_R⟩``:
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from streaming_mads.influence.influence import InfluenceError, ReferenceGradient
+from streaming_mads.influence.base import InfluenceError, ReferenceGradient
 
 __all__ = ['check_adam', 'adam_preconditioned']
 

@@ -8,4 +8,4 @@ from streaming_mads.labeling.inspect import inspect_dataset
 from streaming_mads.labeling.label import LabelReport, label_dataset
 from streaming_mads.labeling.streams import LabelingError
 
-__all__ = [label_dataset, inspect_dataset, LabelReport, LabelingError]
+__all__ = ['label_dataset', 'inspect_dataset', 'LabelReport', 'LabelingError']

@@ -1,7 +1,9 @@
 """``mads inspect``: what the labels of a dataset say, as text tables.
 
 Inspecting only reads labels (fetching a remote's current ones first); it shares stream discovery
-with ``mads label`` but nothing of the labelling, so it is kept apart from it.
+with ``mads label`` but nothing of the labelling, so it is kept apart from it. The standard score
+columns are tabulated in the bins their agents use (:mod:`streaming_mads.score_bins`), so the table
+shows what the console steers by. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Optional
 import numpy as np
 
 from streaming_mads.labeling.streams import RemoteStream, discover_streams
-from streaming_mads.remote import join_path, try_download
 from streaming_mads.labeling.work import TOPICS_DIRNAME
 from streaming_mads.labels import (LABELS_DIRNAME, MANIFEST_NAME, StreamLabels, fetch_labels,
                                    labels_dir)
+from streaming_mads.remote import join_path, try_download
+from streaming_mads.score_bins import STANDARD_BINS, ScoreBins
 
 __all__ = ['inspect_dataset']
 
@@ -57,6 +60,7 @@ def inspect_dataset(dataset: str, local: Optional[str] = None, split: Optional[s
     for col in names:
         kinds = {lab.columns[col]['kind'] for lab in opened if col in lab.columns}
         kind = kinds.pop() if len(kinds) == 1 else 'mixed'
+        standard = STANDARD_BINS.get(col) if kind == 'score' else None
         out.append('')
         out.append(f'{col} ({kind})')
         headers = ['value'] + [s.name for s in streams] + (['all'] if len(streams) > 1 else [])
@@ -75,13 +79,13 @@ def inspect_dataset(dataset: str, local: Optional[str] = None, split: Optional[s
                       for lab in opened]
             lo = min((a.min() for a in arrays if len(a)), default=0.0)
             hi = max((a.max() for a in arrays if len(a)), default=0.0)
-            if lo >= 0 and hi <= 5:  # The 0-5 quality convention: one bin per point.
-                full = np.arange(6, dtype=np.float64)
-            else:
-                full = np.linspace(lo, hi, 6)
-            edges = full[1:-1]
-            bins = [f'[{full[i]:.3g}, {full[i + 1]:.3g}{"]" if i == len(full) - 2 else ")"}'
-                    for i in range(len(full) - 1)]
+            if standard is not None and standard.low <= lo and hi <= standard.high:
+                cut = standard
+            else:  # Another score, or one off its usual scale: five equal bins over its range.
+                cut = ScoreBins(lo, hi, tuple(np.linspace(lo, hi, 6)[1:-1]))
+            edges, bins = np.asarray(cut.edges, np.float64), cut.labels()
+            if cut.percentile:
+                out[-1] = f'{col} ({kind}, percentile)'
             table = np.stack([np.bincount(np.searchsorted(edges, a, side='right'), minlength=len(bins))
                               for a in arrays], 1)
             for stat, fn in (('mean', np.mean), ('min', np.min), ('max', np.max)):

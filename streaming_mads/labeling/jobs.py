@@ -4,7 +4,7 @@ Each shard of each pass is one job: a small frozen dataclass (picklable, so it c
 worker) and a function that reads the shard, computes its part of the labels and saves it under
 the work directory with an atomic rename, so a finished shard is never redone after an
 interruption. The jobs know nothing of the run as a whole; :mod:`streaming_mads.labeling.label` decides
-which shards need which job and merges their outputs.
+which shards need which job and merges their outputs. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.convert.convert import CONVERT_INFO_NAME
+from streaming_mads.convert_record import CONVERT_INFO_NAME
 from streaming_mads.labeling.streams import LabelingError, StreamRef, load_shard
 from streaming_mads.labels import atomic_save_npz
 from streaming_mads.labeling.quality import load_scorer, score_texts

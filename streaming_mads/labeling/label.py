@@ -31,6 +31,7 @@ shards (local or remote), :mod:`~streaming_mads.labeling.jobs` holds the per-sha
 pool, :mod:`~streaming_mads.labeling.work` the resumable work files and the final check,
 :mod:`~streaming_mads.labeling.upload` the upload to a remote, and
 :mod:`~streaming_mads.labeling.inspect` ``mads inspect``. This module drives them.
+See docs/architecture.md.
 """
 
 from __future__ import annotations

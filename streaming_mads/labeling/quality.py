@@ -35,6 +35,7 @@ Plug-in scorers: ``module:function`` or ``path/to/file.py:function``, where the 
 list of texts and returns one finite float per text (0-5 by convention: agents bin the scores). If
 the named object is a class it is instantiated once per worker process and then called, so a
 model (fastText, a transformer classifier) is loaded once, not once per batch.
+See docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ could only trade whole domains against each other. This module gives the console
 does carry such a theme, in the manner of data selection by importance resampling (DSIR, Xie et
 al. 2023): each sample is scored by how much likelier its words are under the reference than
 under the training corpus, and the score is stored as the sample's *percentile* among the
-training samples, so one set of bins (``similarity`` agent: top half, top quarter, top 10%,
-top 5%) means the same on every corpus.
+training samples, so one set of bins (:data:`streaming_mads.score_bins.SIMILARITY_BINS`: top half,
+quarter, tenth and twentieth, used by the ``similarity`` agent and ``mads inspect``) means the
+same on every corpus.
 
 The model, all in numpy:
 
@@ -26,7 +27,7 @@ The model, all in numpy:
 
 The percentile is read from a table of the subsample's score quantiles (1,001 points), so
 scoring a sample needs the model only, never the whole corpus: labelling 10^8 samples costs one
-pass, in parallel shards, like the topic pass.
+pass, in parallel shards, like the topic pass. See docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ Both commands take the same kinds of dataset (a ``mads convert`` output, one MDS
 streams, or any of these behind a Streaming remote), so finding the streams, copying a remote's
 indexes and shards into the local cache, and reading a shard back (checked against the hash its
 ``index.json`` records) live here, apart from what is done with the samples.
+See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from streaming_mads.convert.convert import CONVERT_INFO_NAME, read_convert_info
-from streaming_mads.labels import LABELS_DIRNAME
-from streaming_mads.remote import download, is_url, join_path, try_download
+from streaming_mads.convert_record import CONVERT_INFO_NAME, fetch_convert_info, read_convert_info
+from streaming_mads.labels import LABELS_DIRNAME, check_index_names
+from streaming_mads.remote import contained_path, download, is_url, join_path, try_download
 from streaming_mads.tokenizer import TOKENIZER_DIRNAME
 
 __all__ = [
@@ -71,6 +72,7 @@ def read_index(split_dir: str, name: str) -> dict[str, Any]:
         if shard.get('format') != 'mds':
             raise LabelingError(f'Stream {name} has {shard.get("format")} shards: mads label reads '
                                 'MDS shards only.')
+    check_index_names(index, split_dir, LabelingError)  # Before any shard is read or fetched.
     return index
 
 
@@ -101,14 +103,7 @@ def discover_streams(
         root = local or os.path.join(os.path.expanduser('~'), '.cache', 'mads',
                                      hashlib.sha256(remote.encode()).hexdigest()[:16])
         os.makedirs(root, exist_ok=True)
-        info = None
-        if try_download(join_path(remote, CONVERT_INFO_NAME), os.path.join(root, CONVERT_INFO_NAME),
-                        fresh=True):
-            info = read_convert_info(root)
-            tok = (info or {}).get('tokenizer') or {}
-            for name in tok.get('files', []):
-                download(join_path(remote, TOKENIZER_DIRNAME, name),
-                         os.path.join(root, TOKENIZER_DIRNAME, name), fresh=True)
+        info = fetch_convert_info(remote, root, fresh=True)
         entries = ([(s['name'], s['path']) for s in info['streams']] if info else
                    [(_stream_name(remote.rstrip('/')), '')])
         streams = []
@@ -212,7 +207,8 @@ def load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any],
     from streaming.base.format.mds.reader import MDSReader
 
     raw_info, zip_info = shard['raw_data'], shard.get('zip_data')
-    raw_path = os.path.join(ref_local, raw_info['basename'])
+    source = f'a shard file name in {os.path.join(ref_local, "index.json")}'
+    raw_path = contained_path(ref_local, raw_info['basename'], source, LabelingError)
     data: Optional[bytes] = None
     if os.path.isfile(raw_path) and os.path.getsize(raw_path) == raw_info['bytes']:
         with open(raw_path, 'rb') as f:
@@ -220,7 +216,7 @@ def load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any],
         _check_shard_hash(data, raw_info, raw_path, name)
     else:
         info = zip_info or raw_info
-        path = os.path.join(ref_local, info['basename'])
+        path = contained_path(ref_local, info['basename'], source, LabelingError)
         if ref_remote is not None and (not os.path.isfile(path) or
                                        os.path.getsize(path) != info['bytes']):
             download(join_path(ref_remote, info['basename']), path, fresh=True)

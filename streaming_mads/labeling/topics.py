@@ -18,7 +18,7 @@ deterministic empty-cluster repair; ``metric='cosine'`` (spherical k-means) is u
 
 A fitted :class:`TopicModel` is saved as ``centroids.npy`` (+ IDF arrays for TF-IDF) and
 ``topics.json`` (embedder, sizes and top terms per cluster), so topics can be inspected and new
-data assigned to the same clusters (``mads label --topic-model DIR``).
+data assigned to the same clusters (``mads label --topic-model DIR``). See docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A remote dataset is labelled in a local copy; its label files must then be uploaded in an order
 that never lets a reader see a manifest without its columns, and the user must be told what went
 where and what the local copy (a full copy of the shards) costs on disk. Both are here, apart from
-the labelling itself.
+the labelling itself. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from streaming_mads.labeling.streams import StreamRef
-from streaming_mads.remote import is_url
-from streaming_mads.labels import LABELS_DIRNAME, MANIFEST_NAME, labels_dir
+from streaming_mads.remote import contained_path, is_url
+from streaming_mads.labels import LABELS_DIRNAME, MANIFEST_NAME, LabelError, labels_dir
 
 __all__ = ['upload_labels', 'upload_report_lines', 'tree_bytes']
 
@@ -37,6 +37,9 @@ def upload_labels(s: StreamRef, models: Sequence[str] = ()) -> list[str]:
     ldir = labels_dir(s.local)
     with open(os.path.join(ldir, MANIFEST_NAME)) as f:
         manifest = json.load(f)
+    for e in manifest['columns'].values():  # Never upload a file from outside the labels.
+        contained_path(ldir, e.get('file'), f'a label file in {os.path.join(ldir, MANIFEST_NAME)}',
+                       LabelError)
     files = [f'{LABELS_DIRNAME}/{e["file"]}' for e in manifest['columns'].values()]
     for model in models:
         files += [f'{LABELS_DIRNAME}/{model}/{n}'

@@ -4,6 +4,7 @@ A run is resumable because every finished shard leaves a file under ``<split>/ma
 those files are only reused if they were made with the same settings, which is what the keys here
 decide. The helpers that turn the per-shard files back into whole-stream columns, and that re-read
 the written labels to compare them with what was computed, sit beside them.
+See docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streaming_mads.labeling.quality import QualityError
     from streaming_mads.tokenizer import TokenizerError
     from streaming_mads.labeling.topics import TopicError
+    from streaming_mads.remote import UnsafePathError
     from streaming_mads.run.train import ConfigError
     return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError,
-            ConfigError, TokenizerMismatchError)
+            ConfigError, TokenizerMismatchError, UnsafePathError)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from composer import Callback
 
-from streaming_mads.console.console import ConsoleConfig
+from streaming_mads.console.config import ConsoleConfig
 
 __all__ = ['run_demo', 'steps_to_reach', 'costs_to_reach', 'train_wall', 'prepare_data',
            'train_run', 'quiet', 'run_process_init', 'TrainClock']

@@ -11,6 +11,11 @@ duration, loggers, callbacks, checkpointing and FSDP settings passed to Composer
 Under ``composer -n N -m streaming_mads.run.cli train CONFIG.yaml`` each process builds the same
 Trainer; Composer sets up torch.distributed (gloo on CPU, nccl on GPU) and Streaming partitions
 the data across ranks.
+
+The train and eval loaders come from :func:`streaming_mads.run.loader.build_dataloader`, the
+builder behind llm-foundry's ``mads`` loader too, so token or text samples, the cut to
+``max_seq_len`` and the batch-size guard are the same under both (docs/configuration.md, "Data
+loaders").
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
+
+from streaming_mads.run.loader import ConfigError, build_dataloader
 
 __all__ = ['ConfigError', 'find_config', 'shipped_configs', 'load_config', 'apply_overrides', 'build_trainer', 'train']
 
@@ -33,10 +40,6 @@ TOP_LEVEL = {
     'autoresume', 'fsdp_config', 'dist_timeout', 'python_log_level', 'variables'
 }
 REQUIRED = ('max_seq_len', 'model', 'train_loader', 'max_duration', 'global_train_batch_size')
-
-
-class ConfigError(ValueError):
-    """A run configuration is invalid; the message names the key."""
 
 
 def shipped_configs() -> list[str]:
@@ -124,14 +127,18 @@ def _call(where: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         raise ConfigError(f'{where}: {err}') from err
 
 
-def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: Any) -> int:
-    """``model.vocab_size``, else the tokenizer ``mads convert`` recorded beside the training data
-    (fetched from the remote for remote streams)."""
+def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: Any,
+                tokenizer: Any) -> int:
+    """``model.vocab_size``, else ``tokenizer.vocab_size``, else the tokenizer ``tokenizer.name``
+    loads, else the one ``mads convert`` recorded beside the training data (fetched from the remote
+    for remote streams)."""
     if 'vocab_size' in model_cfg:
         return int(model_cfg.pop('vocab_size'))
     tok = _section(cfg, 'tokenizer')
     if 'vocab_size' in tok:
         return int(tok['vocab_size'])
+    if tokenizer is not None:
+        return int(tokenizer.vocab_size)
     from streaming_mads.checks import convert_info, dataset_streams
     found = convert_info(dataset_streams(train_dataset))
     if found is not None:
@@ -144,56 +151,25 @@ def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: A
                       'model.vocab_size.')
 
 
-def _streams(dataset: dict[str, Any]) -> dict[str, Any]:
-    """``dataset`` with its ``streams`` built by :func:`streaming_mads.run.foundry.streams_from_config`;
-    unlike there, a list is refused (a run YAML names its streams) and errors are ConfigErrors."""
-    from streaming_mads.run.foundry import streams_from_config
-    streams = dataset.pop('streams', None)
-    if streams is None:
-        return dataset
-    if not isinstance(streams, dict):
-        raise ConfigError('train_loader.dataset.streams must map stream names to '
-                          '{remote, local, split, proportion, repeat, choose}.')
+def _tokenizer(cfg: dict[str, Any]) -> Any:
+    """The tokenizer ``tokenizer.name`` names (``'bytes'``, a local ``tokenizer.json`` or tokenizer
+    directory), or ``None``: text samples are then tokenised with the one ``mads convert``
+    recorded beside them."""
+    name = _section(cfg, 'tokenizer').get('name')
+    if name is None:
+        return None
+    from streaming_mads.tokenizer import TokenizerError, load_tokenizer
     try:
-        dataset['streams'] = streams_from_config(streams)
-    except ValueError as err:  # Bad values and unknown keys, named by stream.
-        raise ConfigError(str(err)) from err
-    return dataset
+        return load_tokenizer(str(name))
+    except TokenizerError as err:
+        raise ConfigError(f'tokenizer.name: {err}') from err
 
 
-def _train_loader(cfg: dict[str, Any], device_batch: int) -> Any:
-    from streaming import StreamingDataset
-    from torch.utils.data import DataLoader
-
-    from streaming_mads.collate import TokenCollator
-    from streaming_mads.selection.dataset import MADSDataset
-
-    loader = _section(cfg, 'train_loader', required=True)
-    name = loader.pop('name', 'mads')
-    dataset_cfg = _streams(_section(loader, 'dataset', required=True))
-    loader.pop('dataset')
-    column = dataset_cfg.pop('tokens_column', 'tokens')
-    if name == 'mads':
-        dataset = _call('train_loader.dataset', MADSDataset, {'batch_size': device_batch,
-                                                              **dataset_cfg})
-    elif name == 'streaming':
-        for key in ('pool_ratio', 'temperature', 'agents', 'selection_seed'):
-            if key in dataset_cfg:
-                raise ConfigError(f'train_loader.dataset.{key} only applies to name: mads.')
-        dataset = _call('train_loader.dataset', StreamingDataset, {'batch_size': device_batch,
-                                                                   **dataset_cfg})
-    else:
-        raise ConfigError(f'train_loader.name must be mads or streaming, got {name!r}.')
-    return _call('train_loader', DataLoader, {'dataset': dataset, 'batch_size': device_batch,
-                                              'collate_fn': TokenCollator(column), **loader})
-
-
-def _eval_loaders(cfg: dict[str, Any], device_batch: int) -> list[Any]:
+def _eval_loaders(cfg: dict[str, Any], device_batch: int, max_seq_len: int,
+                  tokenizer: Any) -> list[Any]:
+    """``eval_loaders``: ``{label, batch_size, dataset, ...}`` loaders (``name`` defaults to
+    ``streaming``), evaluated for loss and perplexity."""
     from composer.core import Evaluator
-    from streaming import StreamingDataset
-    from torch.utils.data import DataLoader
-
-    from streaming_mads.collate import TokenCollator
     specs = cfg.get('eval_loaders') or []
     if not isinstance(specs, list):
         raise ConfigError('eval_loaders must be a list of {label, dataset: {...}}.')
@@ -203,16 +179,9 @@ def _eval_loaders(cfg: dict[str, Any], device_batch: int) -> list[Any]:
         label = spec.pop('label', None)
         if not label:
             raise ConfigError(f'eval_loaders[{i}] needs a label.')
-        dataset_cfg = dict(spec.pop('dataset', None) or {})
-        if not dataset_cfg:
-            raise ConfigError(f'eval_loaders[{i}] ({label}) needs a dataset.')
-        column = dataset_cfg.pop('tokens_column', 'tokens')
         batch = spec.pop('batch_size', device_batch)
-        dataset = _call(f'eval_loaders[{i}].dataset', StreamingDataset,
-                        {'batch_size': batch, 'shuffle': False, **dataset_cfg})
-        loader = _call(f'eval_loaders[{i}]', DataLoader,
-                       {'dataset': dataset, 'batch_size': batch,
-                        'collate_fn': TokenCollator(column), **spec})
+        loader = build_dataloader({'name': 'streaming', **spec}, tokenizer, batch,
+                                  max_seq_len=max_seq_len, where=f'eval_loaders[{i}] ({label})')
         out.append(Evaluator(label=label, dataloader=loader,
                              metric_names=['LanguageCrossEntropy', 'LanguagePerplexity']))
     return out
@@ -258,12 +227,11 @@ def _named(section: str, cfg: dict[str, Any], classes: dict[str, Any]) -> list[A
 
 
 def _algorithms(cfg: dict[str, Any]) -> list[Any]:
-    from streaming_mads.algorithms import AgentConsole, DomainBandit
+    from streaming_mads.algorithms import ALGORITHMS as known
     algos = _section(cfg, 'algorithms')
-    known = {'mads_console': AgentConsole, 'domain_bandit': DomainBandit}
     unknown = set(algos) - set(known)
     if unknown:
-        raise ConfigError(f'streaming_mads.algorithms.{sorted(unknown)[0]} is unknown: the algorithms here are '
+        raise ConfigError(f'algorithms.{sorted(unknown)[0]} is unknown: the algorithms here are '
                           'mads_console and domain_bandit (a baseline).')
     if len(algos) > 1:
         raise ConfigError('algorithms: use one of mads_console and domain_bandit, not both (each '
@@ -272,9 +240,9 @@ def _algorithms(cfg: dict[str, Any]) -> list[Any]:
     for name, kwargs in algos.items():
         kwargs = dict(kwargs or {})
         if name == 'mads_console' and 'reference' not in kwargs:
-            raise ConfigError('streaming_mads.algorithms.mads_console.reference is required (an MDS reference '
+            raise ConfigError('algorithms.mads_console.reference is required (an MDS reference '
                               'set).')
-        out.append(_call(f'streaming_mads.algorithms.{name}', known[name], kwargs))
+        out.append(_call(f'algorithms.{name}', known[name], kwargs))
     return out
 
 
@@ -319,14 +287,17 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
     max_seq_len = _positive_int(cfg, 'max_seq_len')
     model_cfg = _section(cfg, 'model', required=True)
     # The data first: the model's default vocabulary is the one recorded beside it.
-    train_loader = _train_loader(cfg, device_batch)
-    vocab = _vocab_size(cfg, model_cfg, train_loader.dataset)
+    tokenizer = _tokenizer(cfg)
+    train_loader = build_dataloader(_section(cfg, 'train_loader', required=True), tokenizer,
+                                    device_batch, max_seq_len=max_seq_len)
+    train_dataset = train_loader.dataloader.dataset
+    vocab = _vocab_size(cfg, model_cfg, train_dataset, tokenizer)
     preset = model_cfg.pop('preset', None if 'family' in model_cfg else 'tiny')
     model = _call('model', build_causal_lm, {'vocab_size': vocab, 'max_seq_len': max_seq_len,
                                              'preset': preset, 'seed': seed, **model_cfg})
-    evaluators = _eval_loaders(cfg, device_batch)
+    evaluators = _eval_loaders(cfg, device_batch, max_seq_len, tokenizer)
     algorithms = _algorithms(cfg)
-    _check_tokenizers(model, train_loader.dataset, evaluators, algorithms)
+    _check_tokenizers(model, train_dataset, evaluators, algorithms)
     parallelism = {'fsdp': cfg['fsdp_config']} if cfg.get('fsdp_config') else None
     logger_classes = {'file': loggers.FileLogger, 'tensorboard': loggers.TensorboardLogger,
                       'wandb': loggers.WandBLogger, 'mlflow': loggers.MLFlowLogger,

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streaming_mads.labels import CATEGORICAL, SCORE, LabelError, LabelStore
+from streaming_mads.score_bins import DEFAULT_QUALITY_EDGES, DEFAULT_SIMILARITY_EDGES
 from streaming_mads.selection.scores import centred_log_weights
 
 __all__ = [
@@ -35,13 +36,6 @@ BALANCED = 'balanced'
 
 #: An initial memory: positive weights, one per label value, or :data:`BALANCED`.
 Init = Union[Sequence[float], str]
-
-#: Default quality bin edges: five bins over a 0-5 score, as the paper's quality agent.
-DEFAULT_QUALITY_EDGES = (1.0, 2.0, 3.0, 4.0)
-
-#: Default similarity bin edges, over the percentile ``mads label --reference`` writes: the
-#: bottom half, then the top half, quarter, tenth and twentieth of the training samples.
-DEFAULT_SIMILARITY_EDGES = (0.5, 0.75, 0.9, 0.95)
 
 
 def multiplicative_update(weights: NDArray, mean_rewards: NDArray, lr: float, floor: float,

@@ -11,17 +11,14 @@ weight slots, the selection counters, then the **probe log**. A weight slot hold
 invalid, fills it, then stamps its version and finally raises the ``latest`` counter; readers
 copy a slot and check its stamp before and after the copy, so a read never mixes two versions.
 
-The schedule: version ``v`` governs global batches ``[v·W, (v+1)·W)``, counted as Composer counts
-them (``epoch · batches_per_epoch + batch in epoch``, where ``batches_per_epoch`` is what the
-trainer really runs: after ``drop_last`` and ``train_subset_num_batches``); ``W = 0`` means no
-console is attached and version 0 governs everything.
+The schedule's numbers (``W``, ``L``, batches per epoch) live in the header, so every worker sees
+what the rank's main process configured; :attr:`WeightBoard.schedule` reads them back as a
+:class:`~streaming_mads.selection.schedule.Schedule`, which holds the version-schedule rule and
+all of its arithmetic (which version governs a batch, the probe log's stride and slots).
 
 The probe log is how the console draws its probes from data the rank already read: the worker
-that builds the pool of global batch ``b`` writes up to ``log_width`` of its candidates (a uniform
-random subset, in random order) into log slot ``(b / stride) mod log_slots``, stamped with ``b``,
-for every ``b`` that is a multiple of ``stride``. The stride is set at :meth:`WeightBoard.configure`
-so that two update windows of batches fit on the ring, which is what the console reads between
-updates, plus the prefetch the workers can be ahead.
+that builds the pool of a logged global batch ``b`` writes up to ``log_width`` of its candidates
+(a uniform random subset, in random order) into ``b``'s log slot, stamped with ``b``.
 """
 
 from __future__ import annotations
@@ -34,14 +31,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from streaming_mads.selection.schedule import Schedule
 from streaming_mads.streaming_internals import SharedMemory
 
 __all__ = ['Weights', 'WeightBoard', 'VersionTimeoutError', 'VersionEvictedError']
 
 _MAGIC = 0x4D414453  # 'MADS'
 _HEADER = 12  # magic, agents, capacity, interval, lead, latest, slot words, generation, ...
-(_I_MAGIC, _I_AGENTS, _I_CAPACITY, _I_INTERVAL, _I_LEAD, _I_LATEST, _I_SLOT, _I_GEN, _I_EPOCH,
- _I_STRIDE) = range(10)  # ... batches per epoch, probe log stride.
+(_I_MAGIC, _I_AGENTS, _I_CAPACITY, _I_INTERVAL, _I_LEAD, _I_LATEST, _I_SLOT, _I_GEN,
+ _I_EPOCH) = range(9)  # ... batches per epoch.
 _TICK = 0.002
 
 
@@ -155,41 +153,35 @@ class WeightBoard:
     # -- schedule --------------------------------------------------------------------------
 
     def configure(self, update_interval: int, lead: int, batches_per_epoch: int = 0) -> None:
-        """Set the schedule: version ``v`` governs batches ``[v·W, (v+1)·W)``.
+        """Set the schedule (:class:`~streaming_mads.selection.schedule.Schedule`) for every worker.
 
         Args:
             update_interval (int): ``W``, batches per version (0: static version 0).
             lead (int): ``L``, batches before its first batch that a version is published; only
                 recorded here so errors can name it.
             batches_per_epoch (int): Batches the trainer runs per epoch (``0``: the dataset's
-                own count). Global batch numbers, and so versions, follow it.
+                own count).
         """
-        if update_interval < 0 or lead < 0 or batches_per_epoch < 0:
-            raise ValueError('update_interval, lead and batches_per_epoch must be non-negative.')
+        schedule = Schedule(update_interval, lead, batches_per_epoch, self.log_slots)
         w = self._words()
-        w[_I_INTERVAL], w[_I_LEAD], w[_I_EPOCH] = update_interval, lead, batches_per_epoch
-        # Two windows of W batches on the ring: the one the console reads next, and the prefetch.
-        w[_I_STRIDE] = -(-2 * update_interval // self.log_slots) if update_interval else 0
+        w[_I_INTERVAL], w[_I_LEAD], w[_I_EPOCH] = (schedule.update_interval, schedule.lead,
+                                                   schedule.batches_per_epoch)
 
     @property
-    def update_interval(self) -> int:
-        """``W`` (0 when no console is attached)."""
-        return int(self._words()[_I_INTERVAL])
-
-    @property
-    def lead(self) -> int:
-        """``L`` as configured by the console."""
-        return int(self._words()[_I_LEAD])
+    def schedule(self) -> Schedule:
+        """The schedule as configured (``W = 0`` before a console configures one)."""
+        w = self._words()
+        return Schedule(int(w[_I_INTERVAL]), int(w[_I_LEAD]), int(w[_I_EPOCH]), self.log_slots)
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches the trainer runs per epoch, as configured (0: not configured)."""
-        return int(self._words()[_I_EPOCH])
+        return self.schedule.batches_per_epoch
 
     @property
     def log_stride(self) -> int:
         """Every ``log_stride``-th global batch writes the probe log (0: no console, no log)."""
-        return int(self._words()[_I_STRIDE])
+        return self.schedule.log_stride
 
     @property
     def latest(self) -> int:
@@ -198,8 +190,7 @@ class WeightBoard:
 
     def version_for_batch(self, batch: int) -> int:
         """The version that governs global batch ``batch``."""
-        interval = self.update_interval
-        return batch // interval if interval > 0 else 0
+        return self.schedule.version_for_batch(batch)
 
     # -- versions --------------------------------------------------------------------------
 
@@ -275,10 +266,11 @@ class WeightBoard:
                 return weights
             if time.monotonic() >= deadline:
                 where = f' for global batch {batch}' if batch is not None else ''
+                schedule = self.schedule
                 raise VersionTimeoutError(
                     f'A DataLoader worker waited {timeout:g}s for weight version {version}{where}, '
                     f'but the newest published is {self.latest} (update interval '
-                    f'{self.update_interval}, lead {self.lead}). Workers prefetch ahead of the '
+                    f'{schedule.update_interval}, lead {schedule.lead}). Workers prefetch ahead of the '
                     f'trainer: the console\'s `lead` must exceed num_workers x prefetch_factor '
                     f'batches, so raise `lead` (or lower prefetch), or raise the dataset\'s '
                     f'`version_timeout` if updates are just slow.')
@@ -311,18 +303,12 @@ class WeightBoard:
 
     def _log_row(self, batch: int) -> Optional[NDArray[np.int64]]:
         """The log slot of global batch ``batch``, or ``None`` if the batch is off the stride."""
-        stride = self.log_stride
-        if stride <= 0 or batch % stride:
-            return None
-        return self._log()[(batch // stride) % self.log_slots]
+        slot = self.schedule.log_slot(batch)
+        return None if slot is None else self._log()[slot]
 
     def logged_batches(self, start: int, stop: int) -> range:
         """The global batches in ``[start, stop)`` that write the probe log."""
-        stride = self.log_stride
-        if stride <= 0:
-            return range(0)
-        first = -(-max(start, 0) // stride) * stride
-        return range(first, max(stop, first), stride)
+        return self.schedule.logged_batches(start, stop)
 
     def write_log(self, batch: int, sample_ids: NDArray[np.int64]) -> None:
         """Log candidates of global batch ``batch``'s pool (its worker; a no-op off the stride).

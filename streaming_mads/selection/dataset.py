@@ -5,7 +5,8 @@ How it rides on Streaming instead of replacing it:
 * The parent partitions, shuffles and downloads exactly as usual, but with a *candidate* batch
   size of ``r·B``: each worker's candidate batch ``j`` is a **pool**, and from it the worker keeps
   ``B`` samples, which become the device batch ``j``. Global batch numbers therefore match the
-  parent's one to one, which is what makes the version schedule, elastic partitioning and
+  parent's one to one, which is what makes the version schedule
+  (:mod:`streaming_mads.selection.schedule`), elastic partitioning and
   mid-epoch resumption carry over unchanged (a resume point of ``n`` yielded samples is
   ``n · r`` candidates of the parent).
 * Scores come from the memory-mapped sidecar labels and the weight version governing the batch,
@@ -28,14 +29,12 @@ from numpy.typing import NDArray
 from streaming_mads.selection.agents import Agent, AgentSpec, build_agents
 from streaming_mads.selection.board import Weights, WeightBoard
 from streaming_mads.labels import LabelStore, StreamLabels, fetch_labels
-from streaming_mads.selection.pools import batch_in_epoch, global_batch, log_positions, noise_key
-from streaming_mads.selection.scores import combined_scores, gumbel_noise, gumbel_topk, score_tables
+from streaming_mads.selection.pools import batch_in_epoch
+from streaming_mads.selection.step import gather_label_ids, pool_selections, version_tables
 from streaming_mads.streaming_internals import (SelectingStreamingDataset, check_streaming,
                                                 shared_memory_name)
 
 __all__ = ['MADSDataset']
-
-_BLOCK_POOLS = 64  # Pools whose labels are gathered in one vectorised read.
 
 
 class MADSDataset(SelectingStreamingDataset):
@@ -93,6 +92,7 @@ class MADSDataset(SelectingStreamingDataset):
             raise ValueError('`selection_seed` must be >= 0 and `version_timeout` > 0.')
         super().__init__(batch_size=pool_size, **kwargs)
         check_streaming(self)
+        self.check_shard_files()  # Before any shard download: the index names are untrusted.
         self.device_batch_size = batch_size
         self.pool_ratio = pool_size / batch_size
         self.pool_size = pool_size
@@ -129,14 +129,7 @@ class MADSDataset(SelectingStreamingDataset):
 
     def label_ids(self, sample_ids: NDArray[np.int64]) -> list[NDArray[np.int64]]:
         """Each agent's label value id for global ``sample_ids`` (from the sidecar labels)."""
-        ids = np.asarray(sample_ids, np.int64)
-        raw: dict[str, NDArray] = {}
-        out = []
-        for agent in self.agents:
-            if agent.column not in raw:
-                raw[agent.column] = self.labels.gather(agent.column, ids)
-            out.append(agent.label_ids(raw[agent.column]))
-        return out
+        return gather_label_ids(self.labels, self.agents, sample_ids)
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -150,7 +143,7 @@ class MADSDataset(SelectingStreamingDataset):
 
     def configure_schedule(self, update_interval: int, lead: int,
                            batches_per_epoch: Optional[int] = None) -> None:
-        """Attach a console: version ``v`` governs batches ``[v·W, (v+1)·W)`` (see the board).
+        """Attach a console: set the schedule (:mod:`streaming_mads.selection.schedule`).
 
         Args:
             update_interval (int): ``W``, batches per version.
@@ -177,8 +170,7 @@ class MADSDataset(SelectingStreamingDataset):
     def score_tables(self, weights: Weights) -> list[NDArray[np.float64]]:
         """Per-agent score tables ``θ_a ŝ_a`` of a weight version (each agent's
         :meth:`~streaming_mads.selection.agents.Agent.score_table` of the published memory)."""
-        return score_tables([agent.score_table(m) for agent, m in zip(self.agents, weights.memories)],
-                            weights.theta)
+        return version_tables(self.agents, weights)
 
     # -- length and resumption -------------------------------------------------------------
 
@@ -226,37 +218,19 @@ class MADSDataset(SelectingStreamingDataset):
         return tables
 
     def select_pools(self, sample_ids: NDArray[np.int64]) -> Iterator[tuple[int, NDArray]]:
-        """For each pool of this worker's candidates: its start and the kept positions.
-
-        A pool past the trainer's batches per epoch (the partial pool ``drop_last`` drops, or
-        batches beyond ``train_subset_num_batches``) is never counted by the trainer: it is
-        selected with the epoch's last version and neither logged nor counted.
-        """
+        """For each pool of this worker's candidates: its start and the kept positions (the
+        selection step, :func:`~streaming_mads.selection.step.pool_selections`, on the pools'
+        places in the schedule)."""
         ranks, rank, workers, worker = self.worker_layout
         epoch, offset = self.work_position
         first_batch = offset // (self.pool_size * ranks)
-        per_epoch = self.board.batches_per_epoch or self.batches_per_epoch
-        pool, total = self.pool_size, len(sample_ids)
-        block = pool * _BLOCK_POOLS
-        for block_start in range(0, total, block):
-            ids = np.asarray(sample_ids[block_start:block_start + block], np.int64)
-            valid = ids >= 0
-            labels = self.label_ids(np.where(valid, ids, 0))
-            for start in range(0, len(ids), pool):
-                b = batch_in_epoch(first_batch, (block_start + start) // pool, workers, worker)
-                batch = global_batch(epoch, min(b, per_epoch - 1), per_epoch)
-                tables = self._tables_for(self.board.version_for_batch(batch), batch)
-                end = min(start + pool, len(ids))
-                scores = combined_scores(tables, [lab[start:end] for lab in labels])
-                scores[~valid[start:end]] = -np.inf
-                key = noise_key(self.selection_seed, epoch, b, rank, ranks)
-                keep = gumbel_topk(scores, gumbel_noise(key, end - start),
-                                   self.device_batch_size, self.temperature)
-                if b < per_epoch:
-                    self.board.record_kept(worker, [lab[start + keep] for lab in labels])
-                    logged = log_positions(key, valid[start:end], self.board.log_width)
-                    self.board.write_log(batch, ids[start + logged])
-                yield block_start + start, keep
+        pools = np.arange(-(-len(sample_ids) // self.pool_size))
+        yield from pool_selections(
+            sample_ids, batch_in_epoch(first_batch, pools, workers, worker), rank, epoch,
+            pool=self.pool_size, keep=self.device_batch_size, temperature=self.temperature,
+            seed=self.selection_seed, num_ranks=ranks,
+            schedule=self.board.schedule.with_epoch(self.batches_per_epoch),
+            label_ids=self.label_ids, tables_for=self._tables_for, board=self.board, row=worker)
 
     def __del__(self) -> None:
         board = self.__dict__.get('board')

@@ -2,9 +2,11 @@
 
 Plain functions of integers, shared by the dataset's workers (which build pools), the console
 (which reads what the workers logged) and the scale benchmark (which recomputes them for cluster
-layouts it cannot run). Everything here depends only on the pool's place in the *global* order
-(epoch, batch within the epoch, rank), never on how many DataLoader workers or nodes built it,
-which is what keeps selection and probes identical for any worker layout and on resume.
+layouts it cannot run); a pool's global batch and weight version are the schedule's
+(:mod:`streaming_mads.selection.schedule`). Everything here depends only on the pool's place in
+the *global* order (epoch, batch within the epoch, rank), never on how many DataLoader workers or
+nodes built it, which is what keeps selection and probes identical for any worker layout and on
+resume.
 
 Streaming deals the candidate batches (pools) of a rank round-robin over its DataLoader workers:
 worker ``w`` of ``K`` builds the rank's batches ``w, w + K, w + 2K, ...`` of the epoch.
@@ -17,7 +19,7 @@ from numpy.typing import NDArray
 
 from streaming_mads.selection.scores import gumbel_noise
 
-__all__ = ['batch_in_epoch', 'global_batch', 'noise_key', 'log_positions', 'LOG_SALT']
+__all__ = ['batch_in_epoch', 'noise_key', 'log_positions', 'LOG_SALT']
 
 LOG_SALT = 0x50524F4245  # 'PROBE': keeps the probe log's randomness apart from selection noise.
 
@@ -32,11 +34,6 @@ def batch_in_epoch(first_batch: int, pool: int, workers: int, worker: int) -> in
         worker (int): This worker's index.
     """
     return first_batch + pool * workers + worker
-
-
-def global_batch(epoch: int, batch: int, batches_per_epoch: int) -> int:
-    """Composer's batch count for batch ``batch`` of ``epoch``: the version schedule's clock."""
-    return epoch * batches_per_epoch + batch
 
 
 def noise_key(seed: int, epoch: int, batch: int, rank: int, num_ranks: int) -> tuple[int, int, int]:

@@ -1,0 +1,114 @@
+"""The console's settings (the ``mads_console`` YAML keys) and their validation.
+
+One place for every setting's default: ``AgentConsole`` and ``DomainBandit`` take theirs from
+:class:`ConsoleConfig`, and :func:`console_config` names a misspelt key. See
+docs/configuration.md for the table and docs/architecture.md for what each number steers.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Optional
+
+from streaming_mads.console.rewards import REWARDS
+
+__all__ = ['ConsoleConfig', 'console_config']
+
+
+@dataclass
+class ConsoleConfig:
+    """Settings of the agent console (every field is a YAML key of ``mads_console``).
+
+    Args:
+        update_interval (int): ``W``: batches per weight version. Defaults to ``150`` (the
+            console then costs under 5% of a small CPU run's time; see
+            ``benchmarks/console_overhead.py``).
+        lead (int, optional): ``L``: a version is published ``L`` batches before its first batch;
+            must exceed the DataLoader's ``num_workers x prefetch_factor`` and be below ``W``.
+            ``None``: that prefetch depth + 1. Defaults to ``None``.
+        probe_size (int): Probe samples per update, over all ranks. Defaults to ``64``.
+        probe_pool (int): Most candidates, over all ranks, the probe set is stratified from; they
+            are a uniform subset of the pools the ranks read since the last update. Defaults to
+            ``4096``.
+        reference_size (int): Reference samples used for ``∇L_R`` at each update, over all ranks:
+            a fresh draw from the whole reference set each update (seeded by ``seed`` and the
+            version, the same on every rank). Defaults to ``32``.
+        reward (str): ``'inner'`` (influence ``⟨∇ℓ(x), ∇L_R⟩``), ``'cosine'`` (divided by
+            ``|∇ℓ(x)|``, so high-loss samples with large gradients do not dominate) or ``'adam'``
+            (the influence of an Adam step: the reference gradient preconditioned by the
+            trainer's Adam second moments; :mod:`streaming_mads.influence.preconditioning`). Defaults to
+            ``'inner'``.
+        value_prior (float): Pseudo-probes of reward 0 behind every label value's estimate, so a
+            value seen in few probes moves its memory little. Defaults to ``4``.
+        repeat_penalty (float): ``ρ``: a value's published weight is its memory divided by
+            ``1 + ρ · e``, ``e`` the times each of its samples was kept on average so far (the
+            paper's ``1 + 0.1 · count``, per label value). ``0`` turns it off. Defaults to
+            ``0.1``.
+        lr_memory (float): ``η`` of the agents' memories. Defaults to ``0.5``.
+        lr_theta (float): ``η_θ`` of the collaborative weights. Defaults to ``1.0``.
+        memory_floor (float): Smallest memory weight relative to the mean. Defaults to ``0.05``.
+        memory_cap (float): Largest memory weight relative to the mean. Defaults to ``20``.
+        theta_floor (float): Smallest share of θ per agent. Defaults to ``0.05``.
+        seed (int): Seed of probe draws (with the version number). Defaults to ``0``.
+        probe_micro_batch (int, optional): Most samples per forward/backward of the influence
+            pass (reference and probes), so it needs no more activation memory than a training
+            step. ``None``: the trainer's ``device_train_microbatch_size``. Defaults to ``None``.
+        activation_checkpointing (bool): Recompute the model's blocks in the influence pass'
+            backward instead of keeping their activations (about a third more influence compute,
+            activation memory of about one block). Defaults to ``True``.
+    """
+    update_interval: int = 150
+    lead: Optional[int] = None
+    probe_size: int = 64
+    probe_pool: int = 4096
+    reference_size: int = 32
+    reward: str = 'inner'
+    value_prior: float = 4.0
+    repeat_penalty: float = 0.1
+    lr_memory: float = 0.5
+    lr_theta: float = 1.0
+    memory_floor: float = 0.05
+    memory_cap: float = 20.0
+    theta_floor: float = 0.05
+    seed: int = 0
+    probe_micro_batch: Optional[int] = None
+    activation_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.update_interval < 1:
+            raise ValueError(f'update_interval must be >= 1 batch, got {self.update_interval}.')
+        if self.probe_size < 2 or self.reference_size < 1 or self.probe_pool < self.probe_size:
+            raise ValueError('Need probe_size >= 2, reference_size >= 1 and probe_pool >= '
+                             'probe_size.')
+        if self.lr_memory < 0 or self.lr_theta < 0:
+            raise ValueError('Learning rates lr_memory and lr_theta must be >= 0.')
+        if not 0 < self.memory_floor <= 1 <= self.memory_cap:
+            raise ValueError('Need 0 < memory_floor <= 1 <= memory_cap.')
+        if self.probe_micro_batch is not None and self.probe_micro_batch < 1:
+            raise ValueError(f'probe_micro_batch must be >= 1, got {self.probe_micro_batch}.')
+        if self.reward not in REWARDS:
+            raise ValueError(f'mads_console reward={self.reward!r}: use one of {list(REWARDS)}.')
+        if self.repeat_penalty < 0:
+            raise ValueError(f'mads_console repeat_penalty must be >= 0, got {self.repeat_penalty}.')
+        if not self.value_prior > 0:
+            raise ValueError(f'mads_console value_prior must be > 0, got {self.value_prior}.')
+
+
+def console_config(settings: dict[str, Any], where: str = 'mads_console',
+                   allowed: Optional[Iterable[str]] = None) -> ConsoleConfig:
+    """A :class:`ConsoleConfig` of ``settings`` (the rest at their defaults), a misspelt key named.
+
+    Args:
+        settings (dict[str, Any]): Fields of :class:`ConsoleConfig`.
+        where (str): The section named in errors. Defaults to ``'mads_console'``.
+        allowed (Iterable[str], optional): The fields this caller takes. Defaults to all.
+    """
+    known = list(allowed) if allowed is not None else [f.name for f in fields(ConsoleConfig)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f'did you mean {close[0]!r}?' if close else \
+            f'the settings are {", ".join(known)} (see docs/configuration.md).'
+        raise ValueError(f'{where} has no setting {unknown[0]!r}: {hint}')
+    return ConsoleConfig(**settings)

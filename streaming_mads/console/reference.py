@@ -1,0 +1,129 @@
+"""The console's reference set: loaded with random access, in the training samples' form.
+
+Each update draws a fresh subset of the reference, so the whole set must be random access and
+tokenised like the training data (the train collate builds its batches). A text reference is
+therefore tokenised here with the tokenizer ``mads convert`` recorded beside the training data,
+and its tokenizer is known before loading for the checks of :mod:`streaming_mads.checks`.
+docs/architecture.md has the long form.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from streaming_mads.checks import (TokenizerInfo, check_token_ids, convert_info,
+                                   spec_tokenizer_info, stream_convert_info, tokenizer_info)
+from streaming_mads.remote import is_url
+from streaming_mads.streaming_internals import check_shard_files
+
+__all__ = ['ReferenceSource', 'load_reference', 'reference_tokenizer_info', 'check_reference_ids',
+           'spread']
+
+#: Reference samples whose token ids are checked against the model before training.
+REFERENCE_CHECKED = 256
+
+ReferenceSource = Union[str, Dataset, Sequence[dict]]
+
+
+def _is_mds(source: str, split: Optional[str]) -> bool:
+    """Whether a local ``source`` is an MDS dataset (an ``index.json`` in its split)."""
+    return os.path.isfile(os.path.join(source, split or '', 'index.json'))
+
+
+def training_tokenizer(dataset: Any) -> str:
+    """The tokenizer ``mads convert`` recorded beside ``dataset``'s streams (local or remote)."""
+    found = convert_info(dataset.streams)
+    if found is not None:
+        root, info = found
+        record = info.get('tokenizer') or {}
+        if record.get('path'):
+            return os.path.join(root, record['path'])
+        if record.get('kind') == 'bytes':
+            return 'bytes'
+    raise FileNotFoundError('A text reference set needs the training tokenizer: set '
+                            'mads_console.reference_tokenizer (no mads_convert.json was found '
+                            'beside the training streams, locally or next to their remote index).')
+
+
+def text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
+    """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS."""
+    from streaming_mads.convert.convert import convert
+    out = os.path.join(tempfile.mkdtemp(prefix='mads_ref_'), 'reference')
+    convert([f'reference={path}'], out, layout='single', seq_len=seq_len, tokenizer=tokenizer,
+            progress=False)
+    return out
+
+
+def load_reference(source: ReferenceSource, split: Optional[str] = None,
+                   local: Optional[str] = None, dataset: Optional[Any] = None,
+                   tokenizer: Optional[str] = None) -> Sequence[dict]:
+    """The whole reference set, with random access (each update reads only what it draws).
+
+    Args:
+        source (ReferenceSource): A local MDS directory or remote MDS URL (read with Streaming,
+            a shard downloaded when one of its samples is first drawn); a jsonl/text file or
+            directory of text (tokenised like the training data with the training tokenizer
+            into samples of the training length); a map-style dataset; or a list of sample
+            dicts. Samples must have the training samples' form (same columns and
+            tokenisation), since the train collate builds their batches.
+        split (str, optional): MDS split.
+        local (str, optional): Cache directory for a remote MDS source (default: a temp dir).
+        dataset (MADSDataset, optional): The training dataset (tokenizer and sample length of a
+            text reference).
+        tokenizer (str, optional): Tokenizer of a text reference (default: the one
+            ``mads convert`` recorded beside the training data).
+    """
+    if not isinstance(source, str):
+        return source  # type: ignore[return-value]
+    from streaming import StreamingDataset
+    remote = is_url(source)
+    if not remote and not _is_mds(source, split):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f'mads_console reference {source!r} does not exist: give '
+                                    'an MDS dataset, or jsonl/text files of reference text.')
+        if dataset is None:
+            raise ValueError('A text reference set needs the training dataset to tokenise it.')
+        seq_len = len(dataset[0]['tokens'])
+        source = text_to_mds(source, tokenizer or training_tokenizer(dataset), seq_len)
+        split = None
+    reference = StreamingDataset(remote=source if remote else None,
+                                 local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
+                                 if remote else source,
+                                 split=split, batch_size=1)
+    check_shard_files(reference)  # Its index names files before any shard is downloaded.
+    return reference
+
+
+def reference_tokenizer_info(source: ReferenceSource, split: Optional[str] = None,
+                             local: Optional[str] = None,
+                             tokenizer: Optional[str] = None) -> Optional[TokenizerInfo]:
+    """The reference's tokenizer, when known before loading it: the ``mads_convert.json`` of an
+    MDS reference, or ``tokenizer`` for a text one (``None``: a text reference tokenised with
+    the training tokenizer, or samples given in Python). Arguments as :func:`load_reference`."""
+    if not isinstance(source, str):
+        return None
+    if is_url(source):
+        return tokenizer_info(stream_convert_info(local, source, split), 'reference')
+    if _is_mds(source, split):
+        return tokenizer_info(stream_convert_info(source, None, split), 'reference')
+    if tokenizer:
+        return spec_tokenizer_info(tokenizer, 'reference')
+    return None
+
+
+def spread(samples: Sequence[dict], count: int) -> list[dict]:
+    """Up to ``count`` samples evenly spaced over ``samples`` (a cheap check of a large set)."""
+    n = len(samples)
+    ids = np.unique(np.linspace(0, n - 1, min(count, n)).astype(int)) if n else []
+    return [samples[int(i)] for i in ids]
+
+
+def check_reference_ids(reference: Sequence[dict], model_vocab: Optional[int]) -> None:
+    """Up to :data:`REFERENCE_CHECKED` reference samples, spread over the set, hold only token
+    ids below ``model_vocab`` (:func:`streaming_mads.checks.check_token_ids`)."""
+    check_token_ids(spread(reference, REFERENCE_CHECKED), model_vocab, 'mads_console reference set')
