@@ -45,6 +45,28 @@ def find_mads_dataset(dataloader: Any) -> MADSDataset:
     return dataset
 
 
+def _match_trainer(state: State, dataloader: Any, dataset: MADSDataset) -> None:
+    """Make the DataLoader's batches the trainer's, which the version schedule counts.
+
+    One DataLoader batch must be one pool, so its ``batch_size`` must be the dataset's (a
+    mismatch would make the workers count batches the trainer never runs, and wait forever for
+    their versions). And a batch taken before ``fit`` (a sanity check) started Streaming's epoch
+    0 already, so the trainer's first epoch would be Streaming's epoch 1, numbered an epoch ahead:
+    Streaming's epoch is rewound to the trainer's (the fit then sees exactly what it would have
+    without the peek). Composer spins the loader itself to a later epoch it resumes without the
+    dataset's state, so that case is left to it.
+    """
+    size = getattr(dataloader, 'batch_size', None) if isinstance(dataloader, DataLoader) else None
+    if isinstance(dataloader, DataLoader) and size != dataset.device_batch_size:
+        raise ValueError(f'The train DataLoader has batch_size={size} but its MADSDataset has '
+                         f'batch_size={dataset.device_batch_size}: a DataLoader batch must be one '
+                         f'selected pool, so give both the same device batch size '
+                         f'(DataLoader(dataset, batch_size={dataset.device_batch_size}, ...)).')
+    epoch = int(state.timestamp.epoch)
+    if epoch == 0 or state.dataset_resumption.get('train'):
+        dataset.rewind_epoch(epoch)
+
+
 def _optimizer(state: State) -> Optional[torch.optim.Optimizer]:
     """The trainer's (first) optimizer, ``None`` without one."""
     return state.optimizers[0] if state.optimizers else None
@@ -149,7 +171,7 @@ class AgentConsole(Algorithm):
                   f'{memory.reference_gradient / 2**20:,.0f} MiB', flush=True)
 
     def match(self, event: Event, state: State) -> bool:
-        if event == Event.FIT_START:
+        if event in (Event.FIT_START, Event.FIT_END):
             return True
         if event == Event.AFTER_DATALOADER:
             return self._resume_rng is not None
@@ -160,6 +182,7 @@ class AgentConsole(Algorithm):
         if event == Event.FIT_START:
             dataloader = state.train_dataloader
             dataset = find_mads_dataset(dataloader)
+            _match_trainer(state, dataloader, dataset)
             self._state = state
             if self.collate_fn is None:
                 self.collate_fn = getattr(dataloader, 'collate_fn', None) or \
@@ -176,6 +199,9 @@ class AgentConsole(Algorithm):
                 self._configure_influence(state, reference, logger)
             if int(state.timestamp.batch_in_epoch) == 0:
                 self._resume_rng = None  # Composer restores the RNG itself at epoch starts.
+            return
+        if event == Event.FIT_END:
+            self.console.detach()  # Nothing publishes now: a worker needing more fails at once.
             return
         if event == Event.AFTER_DATALOADER:
             # Composer restores the RNG on mid-epoch resumption only when it spins the dataloader,

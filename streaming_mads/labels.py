@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streaming_mads.remote import contained_path
+from streaming_mads.shard_check import SHARD_FILE_KEYS as _SHARD_FILE_KEYS
 
 __all__ = [
     'LABELS_DIRNAME', 'MANIFEST_NAME', 'LabelError', 'LabelColumn', 'ColumnInfo', 'StreamLabels',
@@ -80,11 +81,6 @@ def _read_index(split_dir: str) -> dict[str, Any]:
         index = json.load(f)
     check_index_names(index, split_dir)
     return index
-
-
-#: The keys of a shard's entry in ``index.json`` that name its files (MDS: data; JSON, CSV: also
-#: meta), raw and compressed.
-_SHARD_FILE_KEYS = ('raw_data', 'zip_data', 'raw_meta', 'zip_meta')
 
 
 def check_index_names(index: dict[str, Any], split_dir: str,

@@ -6,20 +6,23 @@ temporary name, then renamed, so ranks of a node that race never see half a file
 So does :func:`contained_path`, the one check every file name read from a dataset's metadata
 passes before it is joined to a local folder: whoever wrote a dataset (in a shared bucket, say)
 controls those names, and they must not reach outside the dataset's folder or cache.
-See docs/architecture.md ("Untrusted metadata").
+See docs/architecture.md ("Untrusted metadata"). Where a local dataset keeps its MDS indexes
+(:func:`index_dirs`) is found here too, so a directory holding one is never mistaken for text and
+a missing split is named with the splits there are (:func:`split_not_found`).
 """
 
 from __future__ import annotations
 
+import json
 import ntpath
 import os
 import posixpath
 import urllib.parse
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 __all__ = ['is_url', 'join_path', 'parent_path', 'download', 'try_download', 'UnsafePathError',
-           'contained_path']
+           'contained_path', 'index_dirs', 'split_not_found']
 
 
 class UnsafePathError(ValueError):
@@ -164,3 +167,64 @@ def try_download(remote: str, local: str, fresh: bool = False) -> bool:
         return True
     except Exception:  # Backend-specific "not found" errors.
         return False
+
+
+def _is_mds_index(path: str) -> bool:
+    """Whether ``path`` is a Streaming ``index.json`` (a JSON object with a ``shards`` list)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and isinstance(index.get('shards'), list)
+
+
+def index_dirs(root: str) -> list[str]:
+    """The folders under a local ``root`` that hold an MDS ``index.json``, at any depth.
+
+    A dataset keeps its index at its root, in a split folder (``<root>/<split>/``), or in each
+    stream's folder (``<root>/<stream>[/<split>]/``). Hidden folders and what lies inside a
+    folder holding an index (its labels, caches) are not searched.
+
+    Args:
+        root (str): A local directory (a file or a missing path has none).
+
+    Returns:
+        list[str]: ``/``-joined paths relative to ``root`` (``'.'`` for ``root`` itself), sorted.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if 'index.json' in filenames and _is_mds_index(os.path.join(dirpath, 'index.json')):
+            found.append(os.path.relpath(dirpath, root).replace(os.sep, '/'))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    return sorted(found)
+
+
+def split_not_found(what: str, root: str, split: Optional[str], key: str) -> Optional[str]:
+    """Why the local MDS dataset ``root`` has no index for ``split``; ``None`` when it has one.
+
+    Args:
+        what (str): The dataset as the user named it (``'mads_console reference'``, ...).
+        root (str): Its local directory.
+        split (str, optional): The split looked for (``None``: the index at ``root`` itself).
+        key (str): The setting that chooses the split, named in the message.
+
+    Returns:
+        str, optional: The message: the index looked for, the splits found and ``key``.
+    """
+    looked = os.path.join(root, split or '', 'index.json')
+    if os.path.isfile(looked):
+        return None
+    if not os.path.exists(root):
+        asked = f', split {split!r}' if split else ''
+        return f'{what} {root} does not exist (looked for {looked}{asked}): check the path.'
+    where = f'for split {split!r}' if split else 'at its top (no split is set)'
+    found = index_dirs(root)
+    if found:
+        places = ', '.join('its top (no split)' if f == '.' else f for f in found)
+        return (f'{what} {root} has no MDS index {where}: no {looked}. Its MDS indexes are in: '
+                f'{places}. Set {key} to one of them.')
+    return (f'{what} {root} holds no MDS index {where} or below it (no {looked}): check the path '
+            f'and {key}.')

@@ -2,11 +2,14 @@
 
 MADSDataset rides on :class:`streaming.StreamingDataset` instead of replacing it, and that needs a
 few of Streaming's internals: the per-iteration ``_Iterator`` and the three loops over it (download,
-ready, yield), the shard states, the per-node shared-memory prefix, the worker world, a
+ready, yield), the shard states, the per-node shared-memory prefix and Streaming's segment names
+(which ``mads clean-shm`` looks for), the worker world, a
 stream's single-file download, and the loaded shards' file names. Streaming does not promise
 these across releases, so they are used only here: :class:`SelectingStreamingDataset` holds the
 overridden loops and thin accessors, :func:`check_shard_files` refuses shard file names from an
-untrusted ``index.json`` before any download, and :func:`check_streaming` verifies (in the test
+untrusted ``index.json`` before any download, a shard that cannot be read, downloaded or
+decompressed is a :class:`ShardReadError` naming it and its stream (never an early end of the
+epoch or a worker waiting forever on it), and :func:`check_streaming` verifies (in the test
 suite, and when a dataset is built) that every field relied on is present, failing with a message
 naming the supported releases.
 
@@ -19,20 +22,24 @@ import inspect
 import os
 from importlib.metadata import version as _dist_version
 from time import monotonic, sleep
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from numpy.typing import NDArray
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _Iterator, _ShardState
 from streaming.base.shared.memory import SharedMemory
+from streaming.base.constant import SHM_TO_CLEAN
 from streaming.base.shared.prefix import _get_path
 
 from streaming_mads.remote import contained_path
+from streaming_mads.shard_check import ShardCheckError, verify_streams
 
 __all__ = [
-    'SUPPORTED', 'SharedMemory', 'SelectingStreamingDataset', 'StreamingInternalsError',
-    'check_shard_files', 'check_streaming', 'download_file', 'shared_memory_name',
+    'SUPPORTED', 'SharedMemory', 'SelectingStreamingDataset', 'ShardReadError',
+    'StreamingInternalsError',
+    'check_shard_files', 'check_streaming', 'download_file', 'parse_shared_memory_name',
+    'shared_memory_name', 'streaming_segment_names',
     'streaming_version'
 ]
 
@@ -40,6 +47,7 @@ SUPPORTED = 'mosaicml-streaming >=0.12,<0.14 (tested: 0.12.0, 0.13.0)'
 
 _TICK = 0.0005  # Waiting on the ready thread: finer than its own 7 ms tick.
 _LOCAL, _REMOTE = int(_ShardState.LOCAL), int(_ShardState.REMOTE)
+_PREPARING = int(_ShardState.PREPARING)
 
 # What MADSDataset relies on: methods overridden or called, with their parameters.
 _METHODS = {
@@ -48,6 +56,8 @@ _METHODS = {
     '_ready_thread': ('self', 'it'),
     '_each_sample_id': ('self', 'it'),
     'prepare_shard': ('self', 'shard_id', 'blocking'),
+    'get_item': ('self', 'sample_id', 'retry'),
+    'on_exception': ('self', 'future'),
     'state_dict': ('self', 'num_samples', 'from_beginning'),
     'load_state_dict': ('self', 'obj'),
 }
@@ -56,8 +66,10 @@ _METHODS = {
 _ATTRIBUTES = ('_unique_rank_world', '_parallel_rank_world', '_shm_prefix_int', '_shard_states',
                'sample_offset_per_shard', 'sample_offset_per_stream',
                'samples_per_stream', 'num_shards', 'predownload', 'length', 'streams',
-               'epoch_size', 'shards', 'shard_offset_per_stream', 'shards_per_stream')
-_WORLD_FIELDS = ('rank_of_node', 'num_ranks', 'rank', 'workers_per_rank', 'worker_of_rank')
+               'epoch_size', 'shards', 'shard_offset_per_stream', 'shards_per_stream',
+               'stream_per_shard', 'spanner')
+_WORLD_FIELDS = ('rank_of_node', 'ranks_per_node', 'num_ranks', 'rank', 'workers_per_rank',
+                 'worker_of_rank')
 _ITERATOR_FIELDS = ('sample_ids', 'total', 'prepare_index', 'ready_index', 'yield_index')
 _ITERATOR_METHODS = ('should_exit', 'on_exit')
 _STREAM_FIELDS = ('choose', 'proportion', 'repeat', 'remote', 'local', 'split')
@@ -65,6 +77,11 @@ _STREAM_FIELDS = ('choose', 'proportion', 'repeat', 'remote', 'local', 'split')
 
 class StreamingInternalsError(RuntimeError):
     """The installed Streaming lacks an internal MADSDataset relies on."""
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be downloaded, decompressed or read; the message names it, its stream
+    and the cause."""
 
 
 def streaming_version() -> str:
@@ -146,10 +163,30 @@ def check_shard_files(dataset: StreamingDataset) -> None:
                         contained_path(split_dir, info.basename, source)
 
 
+def _split_dir(stream: Stream) -> str:
+    """The local folder of a stream's ``index.json`` and shards."""
+    return os.path.join(stream.local, stream.split) if stream.split else stream.local
+
+
 def shared_memory_name(dataset: StreamingDataset, suffix: str) -> str:
     """A shared-memory name under the dataset's per-node prefix, unique to this rank."""
     rank_of_node = dataset._unique_rank_world.rank_of_node
     return _get_path(dataset._shm_prefix_int, f'{suffix}_{rank_of_node}')
+
+
+def parse_shared_memory_name(name: str) -> Optional[tuple[int, str]]:
+    """``(prefix, rest)`` of a shared-memory name made under a per-node prefix (Streaming's
+    segments and :func:`shared_memory_name`), ``None`` for any other name."""
+    head, sep, rest = name.partition('_')
+    if not (sep and rest and head.isdigit()):
+        return None
+    prefix = int(head)
+    return (prefix, rest) if _get_path(prefix, rest) == name else None
+
+
+def streaming_segment_names() -> tuple[str, ...]:
+    """The names (after ``<prefix>_``) of the shared memory Streaming makes per dataset."""
+    return tuple(SHM_TO_CLEAN)
 
 
 def download_file(stream: Stream, rel: str, tmp: str) -> str:
@@ -169,6 +206,11 @@ class SelectingStreamingDataset(StreamingDataset):
     the parent's protocol (same indices, same predownload bound, same shard states and cache
     accounting) but advance over a span of candidates at a time, visiting each shard in the span
     once.
+
+    At any pool size, a shard that fails to download, decompress or read raises
+    :class:`ShardReadError` (naming the shard and its stream) from the iteration: the parent
+    would end the epoch silently when its background thread failed, and leave the shard
+    ``PREPARING`` for any other worker to wait on forever.
     """
 
     pool_size: int
@@ -198,6 +240,101 @@ class SelectingStreamingDataset(StreamingDataset):
     def check_shard_files(self) -> None:
         """:func:`check_shard_files` of this dataset (before any shard is fetched)."""
         check_shard_files(self)
+
+    def verify_local_shards(self) -> None:
+        """Check the local shard files against their ``index.json`` (sizes, and hashes).
+
+        The node's ranks share the work: each checks every ``ranks_per_node``-th shard, so each
+        file is read once per node. Files not downloaded yet are skipped (Streaming checks
+        downloads given ``validate_hash``).
+
+        Raises:
+            ShardCheckError: Naming every file (stream and basename) whose size or hash differs,
+                or the streams whose index records no hash for files present.
+        """
+        world = self._unique_rank_world
+        streams = []
+        for stream in self.streams:
+            streams.append((stream.remote or _split_dir(stream), _split_dir(stream)))
+        report = verify_streams(streams, (world.rank_of_node, world.ranks_per_node))
+        if report.bad:
+            raise ShardCheckError(
+                f'verify_shards: {len(report.bad)} local shard file(s) are not what their '
+                f'index.json describes (modified or damaged; delete them to download them again, '
+                f'or rewrite the stream):\n{report.problems()}')
+        if report.unhashed:
+            raise ShardCheckError(f'verify_shards: {report.unhashed_note()} Or drop '
+                                  'verify_shards.')
+
+    # -- shards that cannot be read --------------------------------------------------------
+
+    def shard_read_error(self, shard_id: int, err: BaseException) -> ShardReadError:
+        """The error for shard ``shard_id`` failing with ``err``: the shard, its stream, the fix."""
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        raw, zipped = self.shards[shard_id].file_pairs[0]
+        split_dir = _split_dir(stream)
+        name = raw.basename + (f' (stored as {zipped.basename})' if zipped is not None else '')
+        if stream.remote:
+            where, fix = (f'stream {stream.remote} (cached in {split_dir})',
+                          'delete it from the cache to download it again')
+        else:
+            where, fix = f'stream {split_dir}', 'restore it or rewrite the stream'
+        return ShardReadError(
+            f'Cannot read shard {name} of {where}: {type(err).__name__}: {err}. The file is '
+            f'damaged, truncated or not the one its index.json describes: {fix} (`mads verify '
+            f'{split_dir}` checks every local shard against the index\'s hashes).')
+
+    def _raise_thread_failure(self) -> None:
+        """Raise what stopped a background thread of this iteration, if one stopped."""
+        event = self.__dict__.get('_event')
+        if event is None or not event.is_set():
+            return
+        failure = self.__dict__.get('_mads_failure')
+        if failure is not None:
+            raise failure
+        raise RuntimeError('A background thread of the dataset failed (its traceback is logged '
+                           'above) before the epoch ended.')
+
+    def on_exception(self, future: Any) -> None:
+        """Keep a background thread's error for the yield loop to raise, then stop the others.
+
+        The parent re-raises it inside the future's callback, where it is only logged, and its
+        yield loop then ends the epoch early without an error.
+        """
+        error = future.exception()
+        if error is not None:
+            if self.__dict__.get('_mads_failure') is None:
+                self._mads_failure = error  # Before the event: whoever sees the event finds it.
+            self._event.set()
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """The parent's, but a failure is a :class:`ShardReadError` and releases the shard."""
+        before = int(self._shard_states[shard_id])
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as err:
+            if before != _PREPARING and int(self._shard_states[shard_id]) == _PREPARING:
+                # This call's attempt failed. Left PREPARING, every worker needing the shard
+                # would wait for it forever; as LOCAL, the next one to read it finds its files
+                # missing or damaged and prepares it again itself (downloading what is missing),
+                # meeting the error too. What a failed download left is not counted in the
+                # cache's usage, so it goes (the next attempt counts what it fetches).
+                if before == _REMOTE:
+                    self.shards[shard_id].evict()
+                self._shard_states[shard_id] = _LOCAL
+            raise self.shard_read_error(shard_id, err) from err
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """The parent's, but a failed read is a :class:`ShardReadError` naming the shard."""
+        self._raise_thread_failure()
+        try:
+            return super().get_item(sample_id, retry)
+        except ShardReadError:
+            raise
+        except Exception as err:
+            self._raise_thread_failure()
+            shard_id, _ = self.spanner[sample_id]
+            raise self.shard_read_error(int(shard_id), err) from err
 
     # -- overridden internals --------------------------------------------------------------
 
@@ -272,16 +409,24 @@ class SelectingStreamingDataset(StreamingDataset):
         it.on_exit()
 
     def _each_sample_id(self, it: _Iterator) -> Iterator[int]:
-        """Yield the kept candidates of each pool, once downloaded (parent's loop otherwise)."""
+        """Yield the kept candidates of each pool, once downloaded (parent's loop otherwise).
+
+        Ends early only for a new epoch (``it.should_exit()``); a failed background thread
+        raises its error here.
+        """
         if not self._selecting():
             yield from super()._each_sample_id(it)
+            if it.yield_index < it.total and not it.should_exit():
+                self._raise_thread_failure()  # The parent's loop stops silently on it.
             return
         stopped = False
         for start, keep in self.select_pools(it.sample_ids):
             for pos in keep:
                 index = start + int(pos)
                 while it.ready_index <= index and not stopped:
-                    stopped = it.should_exit() or self._event.is_set()
+                    stopped = it.should_exit()
+                    if not stopped:
+                        self._raise_thread_failure()
                     sleep(_TICK)
                 if stopped or it.should_exit():
                     stopped = True

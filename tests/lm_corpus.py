@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -76,8 +75,8 @@ def make_trainer(data: str, reference: str, *, max_duration: str = '48ba', seed:
     ds = MADSDataset(local=data, batch_size=8, **{'shuffle': True, 'shuffle_seed': seed,
                                                   'pool_ratio': 2, 'temperature': 0.5,
                                                   **(dataset or {})})
-    dataloader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=TokenCollator(),
-                            **(loader or {}))
+    dataloader = DataLoader(ds, **{'batch_size': 8, 'num_workers': num_workers,
+                                   'collate_fn': TokenCollator(), **(loader or {})})
     model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=seed, n_embd=32)  # Dropout on.
     algo = AgentConsole(reference=reference, **{'update_interval': 6, 'probe_size': 48,
                                                 'reference_size': 32, 'lr_memory': 1.0,

@@ -226,3 +226,155 @@ def test_versions_follow_composers_batches_over_epochs(tmp_path, case):
     missing = _series(mem, 'mads/probe_log_missing')
     assert len(missing) == (3 * per_epoch + algo.console.lead) // 6 and missing[-1] == 0
     assert min(_series(mem, 'mads/probe_candidates')) > 0
+
+
+def test_a_directory_holding_an_mds_index_is_never_read_as_text(tmp_path):
+    """A reference directory whose index sits in a split folder, given without reference_split,
+    was read as a text directory: the console steered by its README. Now the error names the
+    splits found and the key; a missing split is named too."""
+    from streaming import MDSWriter
+
+    from streaming_mads.console.reference import load_reference, reference_tokenizer_info
+    ref = tmp_path / 'ref'
+    with MDSWriter(out=str(ref / 'train'), columns={'tokens': 'ndarray:int32'}) as w:
+        for i in range(4):
+            w.write({'tokens': np.arange(16, dtype=np.int32) + i})
+    (ref / 'README.md').write_text('# The reference set\n\n' + 'It holds held-out text. ' * 20)
+    train = [{'tokens': np.zeros(16, dtype=np.int32)}]  # The training samples' form.
+    for load in (lambda split: load_reference(str(ref), split, dataset=train, tokenizer='bytes'),
+                 lambda split: reference_tokenizer_info(str(ref), split, tokenizer='bytes')):
+        with pytest.raises(FileNotFoundError, match=r'no MDS index at its top .*Its MDS indexes '
+                                                    r'are in: train\. Set mads_console\.'
+                                                    r'reference_split'):
+            load(None)
+        with pytest.raises(FileNotFoundError, match=r"for split 'val': no .*val.index\.json\. "
+                                                    r'Its MDS indexes are in: train\.'):
+            load('val')
+    assert len(load_reference(str(ref), 'train')) == 4
+    # Streams below (a `mads convert` output with a split per stream) are MDS too.
+    nested = tmp_path / 'nested'
+    os.renames(str(ref / 'train'), str(nested / 'web' / 'train'))
+    with pytest.raises(FileNotFoundError, match=r'in: web/train\.'):
+        load_reference(str(nested), dataset=train, tokenizer='bytes')
+    # A split given for text is not silently ignored.
+    (tmp_path / 'text').mkdir()
+    (tmp_path / 'text' / 'ref.txt').write_text('Some reference text. ' * 20)
+    with pytest.raises(FileNotFoundError, match=r"for split 'train' or below it"):
+        load_reference(str(tmp_path / 'text'), 'train', dataset=train, tokenizer='bytes')
+
+
+_TEXT_REFERENCE_RUN = """
+import os, sys, tempfile, torch
+from composer import Callback, Trainer
+from torch.utils.data import DataLoader
+from streaming_mads import MADSDataset
+from streaming_mads.algorithms import AgentConsole
+from streaming_mads.collate import TokenCollator
+from streaming_mads.models import build_causal_lm
+data, reference, tmp = sys.argv[1:]
+assert tempfile.gettempdir() == tmp
+seen = []
+class Watch(Callback):
+    def batch_end(self, state, logger):
+        seen.append(len([p for p in os.listdir(tmp) if p.startswith('mads_ref_')]))
+ds = MADSDataset(local=data, batch_size=4, pool_ratio=2)
+model = build_causal_lm(257, 16, 'tiny', seed=0, n_embd=32)
+trainer = Trainer(model=model, optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                  train_dataloader=DataLoader(ds, batch_size=4, collate_fn=TokenCollator()),
+                  max_duration='4ba', device='cpu', progress_bar=False, log_to_console=False,
+                  algorithms=[AgentConsole(reference=reference, update_interval=2, probe_size=8,
+                                           reference_size=4)], callbacks=[Watch()])
+trainer.fit()
+print('copies while training:', seen)
+"""
+
+
+def test_a_text_references_copy_is_removed_when_the_console_is_done(tmp_path):
+    """A text reference is tokenised into a temporary MDS copy (`mads_ref_*`), which used to stay
+    in the temp dir after the run. It lives as long as the reference: it is removed when the
+    reference is garbage-collected or at exit, and at once when loading fails."""
+    import gc
+    import subprocess
+    import sys
+
+    from streaming_mads import MADSDataset
+    from streaming_mads.convert.convert import ConvertError, convert
+    from streaming_mads.console.reference import load_reference
+    from streaming_mads.labeling.label import label_dataset
+
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    text = tmp_path / 'train.txt'
+    text.write_text('The quick brown fox jumps over the lazy dog. ' * 40)
+    data = str(tmp_path / 'data')
+    convert([f'web={text}'], data, layout='single', seq_len=16, progress=False)
+    label_dataset(data, columns=['domain'], progress=False)
+    ref = tmp_path / 'reference.txt'
+    ref.write_text('A lazy dog sleeps while the brown fox runs. ' * 30)
+    run = subprocess.run([sys.executable, '-c', _TEXT_REFERENCE_RUN, data, str(ref), str(tmp)],
+                         env={**os.environ, 'TMPDIR': str(tmp)}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'copies while training: [1, 1, 1, 1]' in run.stdout  # There while training...
+    assert not list(tmp.glob('mads_ref_*'))  # ...and gone once the console is done.
+
+    ds = MADSDataset(local=data, batch_size=4, pool_ratio=2)
+    train_tmp = tmp_path / 'in_process'
+    train_tmp.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        import tempfile
+        mp.setattr(tempfile, 'tempdir', str(train_tmp))
+        reference = load_reference(str(ref), dataset=ds, tokenizer='bytes')
+        assert len(reference) > 4 and len(list(train_tmp.glob('mads_ref_*'))) == 1
+        del reference
+        gc.collect()
+        assert not list(train_tmp.glob('mads_ref_*'))
+        (tmp_path / 'empty.txt').write_text('')
+        with pytest.raises(ConvertError):
+            load_reference(str(tmp_path / 'empty.txt'), dataset=ds, tokenizer='bytes')
+        assert not list(train_tmp.glob('mads_ref_*'))
+
+
+def test_resume_with_another_num_workers_keeps_the_checkpointed_lead(corpus, tmp_path):
+    """The default lead follows num_workers x prefetch_factor; the checkpoint records the lead
+    the run used, so a resume with fewer workers continues exactly, one whose prefetch the lead
+    cannot stay ahead of is refused, and a checkpoint without the record still loads."""
+    data, ref = corpus
+    full_rec, _, _ = _run(corpus, tmp_path, '30ba')  # num_workers=2: lead 2 x 2 + 1 = 5.
+    ckpt = os.path.join(tmp_path, 'ckpt')
+    _, _, first = _run(corpus, tmp_path, '15ba', save_folder=ckpt, save_interval='15ba')
+    first.close()
+    path = os.path.join(ckpt, 'ep0-ba15-rank0.pt')
+    saved = torch.load(path, weights_only=False)
+    assert dict(saved['state']['algorithms'])['AgentConsole']['console']['schedule'] == \
+        {'update_interval': 6, 'lead': 5, 'batches_per_epoch': 75}
+    rec = BatchRecorder()
+    trainer, algo, _ = make_trainer(data, ref, max_duration='30ba', num_workers=1,
+                                    callbacks=[rec], load_path=path)
+    trainer.fit()
+    assert algo.console.lead == 5  # Not 1 x 2 + 1 = 3.
+    assert sorted(rec.batches) == list(range(15, 30))
+    for b in range(15, 30):
+        assert torch.equal(rec.batches[b], full_rec.batches[b]), b
+    trainer.close()
+    # A checkpoint taken without workers (lead 1) cannot keep its schedule under a prefetch of 2.
+    ckpt0 = os.path.join(tmp_path, 'ckpt0')
+    trainer, _, _ = make_trainer(data, ref, max_duration='3ba', save_folder=ckpt0,
+                                 save_interval='3ba')
+    trainer.fit()
+    trainer.close()
+    trainer, _, _ = make_trainer(data, ref, max_duration='6ba', num_workers=1,
+                                 load_path=os.path.join(ckpt0, 'ep0-ba3-rank0.pt'))
+    with pytest.raises(ValueError, match=r'checkpoint was taken with mads_console lead=1.*'
+                                         r'prefetch depth num_workers x prefetch_factor = 2'):
+        trainer.fit()
+    trainer.close()
+    # A checkpoint from before the schedule was recorded loads as before (the default lead).
+    console = dict(saved['state']['algorithms'])['AgentConsole']['console']
+    del console['schedule']
+    old = os.path.join(tmp_path, 'old.pt')
+    torch.save(saved, old)
+    trainer, algo, _ = make_trainer(data, ref, max_duration='17ba', num_workers=1, load_path=old)
+    trainer.fit()
+    assert algo.console.lead == 3 and int(trainer.state.timestamp.batch) == 17
+    trainer.close()

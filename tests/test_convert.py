@@ -220,3 +220,112 @@ def test_tokenizer_file_padding_is_ignored(tmp_path):
     ids = loaded.encode_batch([text])[0]
     assert 4 < len(ids) < 64
     assert loaded.decode_batch([ids]) == [text]
+
+
+def _parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), str(path))
+    return str(path)
+
+
+def test_parquet_inputs_read_fields_like_jsonl(tmp_path):
+    """A Parquet file is read with pyarrow, one document per row, its columns as jsonl fields
+    (it used to be decoded as latin-1 text, or read as one binary "document")."""
+    texts = [f'Row {i}: the river runs through the valley.' for i in range(6)]
+    data = tmp_path / 'data'
+    data.mkdir()
+    _parquet(data / 'part-0.parquet', body=texts[:4], id=[0, 1, 2, 3], src=['a', 'b', 'a', 'b'])
+    _parquet(data / 'part-1.parquet', body=texts[4:], id=[4, None], src=['a', 'b'])
+    summary = convert([str(data)], str(tmp_path / 'out'), mode='text', layout='single',
+                      text_field='body', meta_fields=['id'], domain_field='src', progress=False)
+    assert {d: s.documents for d, s in summary.domains.items()} == {'a': 3, 'b': 3}
+    samples = _stream_tokens(tmp_path / 'out')
+    assert [s['text'] for s in samples] == texts
+    assert [s['id'] for s in samples] == ['0', '1', '2', '3', '4', '']
+    assert [s['domain'] for s in samples] == ['a', 'b', 'a', 'b', 'a', 'b']
+    with pytest.raises(ConvertError, match=r"part-0.parquet: no column 'text' \(columns: body, id, "
+                                           r"src\).*--text-field"):
+        convert([str(data)], str(tmp_path / 'out2'), mode='text', progress=False)
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    import sys
+    path = _parquet(tmp_path / 'd.parquet', text=['some text'])
+    monkeypatch.setitem(sys.modules, 'pyarrow', None)
+    monkeypatch.setitem(sys.modules, 'pyarrow.parquet', None)
+    with pytest.raises(ConvertError, match=r"pip install 'streaming-mads\[parquet\]'"):
+        convert([path], str(tmp_path / 'out'), mode='text', progress=False)
+
+
+@pytest.mark.parametrize('name,content,what', [
+    ('table.txt', None, 'a Parquet file'),  # A Parquet file under another name.
+    ('archive.txt', b'PK\x03\x04\x14\x00\x00\x00 docs', 'a zip archive'),
+    ('blob.md', b'header\x00\x01\x02 more', 'a binary file: NUL byte at offset 6'),
+    ('packed.jsonl', b'\x1f\x8b\x08\x00 not named .gz', 'gzip-compressed'),
+    ('wide.txt', 'caf\u00e9'.encode('utf-16'), 'UTF-16 text'),
+])
+def test_binary_files_are_never_read_as_text(tmp_path, name, content, what):
+    path = tmp_path / name
+    if content is None:
+        _parquet(path, text=['a document'] * 50)
+    else:
+        path.write_bytes(content)
+    for errors in ('strict', 'replace'):  # Replacing bytes made the binary one "document".
+        with pytest.raises(ConvertError) as err:
+            convert([str(path)], str(tmp_path / 'out'), mode='text', encoding_errors=errors,
+                    progress=False)
+        message = str(err.value)
+        assert f'{path} is not text ({what}' in message and 'Parquet (.parquet)' in message
+
+
+def test_skip_bad_counts_bad_lines_and_empty_files(tmp_path, capsys):
+    good = [f'Document {i} about the valley and its river.' for i in range(4)]
+    (tmp_path / 'mixed.jsonl').write_text('\n'.join([
+        json.dumps({'text': good[0]}), '{oops', json.dumps({'body': 'no text'}), json.dumps(['x']),
+        json.dumps({'text': good[1]}), '{"text": 3}', json.dumps({'text': good[2]}), '{bad again',
+    ]) + '\n')
+    (tmp_path / 'more').mkdir()
+    (tmp_path / 'more' / 'ok.txt').write_text(good[3])
+    (tmp_path / 'more' / 'blank.txt').write_text('  \n')
+    (tmp_path / 'empty.jsonl').write_text('')
+    inputs = [str(tmp_path / 'mixed.jsonl'), str(tmp_path / 'more'), str(tmp_path / 'empty.jsonl')]
+    out = str(tmp_path / 'out')
+    # Without --skip-bad the first bad line stops the run, naming the file, line and the flag.
+    err = _cli_error(capsys, *inputs[:2], '-o', out, '--mode', 'text')
+    assert 'mixed.jsonl:2: invalid JSON' in err and '--skip-bad' in err
+    err = _cli_error(capsys, *inputs, '-o', out, '--mode', 'text')
+    assert 'empty.jsonl is empty' in err and '--skip-bad' in err
+    assert main(['convert', *inputs, '-o', out, '--mode', 'text', '--layout', 'single',
+                 '--skip-bad', '--no-progress']) == 0
+    printed = capsys.readouterr().out
+    assert [s['text'] for s in _stream_tokens(out)] == good
+    assert '5 bad line(s)' in printed and '2 invalid JSON (first at ' in printed
+    assert "no field 'text' (first at " in printed and 'mixed.jsonl:3)' in printed
+    assert '2 empty file(s)' in printed and 'blank.txt' in printed and 'empty.jsonl' in printed
+    summary = convert(inputs, str(tmp_path / 'api'), mode='text', skip_bad=True, progress=False)
+    assert summary.read.skipped == {'invalid JSON': 2, "no field 'text'": 1,
+                                    'not a JSON object': 1, "'text' not a string": 1}
+    assert summary.read.empty_files == [str(tmp_path / 'more' / 'blank.txt'),
+                                        str(tmp_path / 'empty.jsonl')]
+    assert 'skipped 5 bad line(s)' in summary.table()
+    # Nothing to convert at all is still an error.
+    with pytest.raises(ConvertError, match='No document in any input'):
+        convert([str(tmp_path / 'empty.jsonl')], str(tmp_path / 'none'), skip_bad=True,
+                progress=False)
+
+
+def test_unknown_meta_fields_are_refused(tmp_path, capsys):
+    """A misspelt --meta-fields wrote an empty column."""
+    write_corpus(tmp_path)
+    out = str(tmp_path / 'out')
+    err = _cli_error(capsys, str(tmp_path / 'wiki.jsonl'), '-o', out, '--mode', 'text',
+                     '--meta-fields', 'id,source')
+    assert '--meta-fields source: in no record (fields seen: id, src, text)' in err
+    parquet = _parquet(tmp_path / 'p.parquet', text=['a document'], lang=['en'])
+    with pytest.raises(ConvertError, match=r'--meta-fields langauge: in no record \(fields seen: '
+                                           r'lang, text\)'):
+        convert([parquet], out, mode='text', meta_fields=['langauge'], progress=False)
+    assert not os.path.exists(out)
+    convert([str(tmp_path / 'wiki.jsonl')], out, mode='text', meta_fields=['id', 'src'],
+            progress=False)  # Present fields still work.

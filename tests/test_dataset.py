@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pytest
-from conftest import DOMAINS, label_arrays, write_labelled_stream
+from conftest import DOMAINS, label_arrays, write_labelled_stream, write_stream
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
@@ -62,6 +62,24 @@ def test_pool_ratio_one_is_the_parent(mds_dir):
     mads = MADSDataset(batch_size=B, pool_ratio=1, **kwargs)
     assert batches(mads) == expected
     assert len(mads) == sum(map(len, expected))
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_pool_ratio_one_without_agents_needs_no_labels(tmp_path, num_workers):
+    data = write_stream(os.path.join(tmp_path, 'unlabelled'), range(300))
+    assert not os.path.exists(os.path.join(data, 'mads'))
+    kwargs = dict(local=data, shuffle=True, shuffle_seed=5, shuffle_block_size=128,
+                  num_canonical_nodes=2)
+    plain = StreamingDataset(batch_size=B, **kwargs)
+    expected = batches(plain, num_workers=num_workers)
+    del plain
+    gc.collect()
+    mads = MADSDataset(batch_size=B, pool_ratio=1, agents=[], **kwargs)
+    assert mads.agents == [] and len(mads) == 300
+    assert batches(mads, num_workers=num_workers) == expected
+    from streaming_mads.console import Console, ConsoleConfig
+    with pytest.raises(ValueError, match='no agents'):  # Nothing for a console to steer.
+        Console(ConsoleConfig(), list, None).attach(mads, depth=0, reference=[{'id': 0}])
 
 
 def test_hard_topk_keeps_the_best_of_every_pool(mds_dir):

@@ -417,3 +417,94 @@ def test_inspect_shows_similarity_in_its_percentile_bins(tmp_path):
                   [len(label):].split()[0]) for label in labels]
     expected = np.bincount(np.searchsorted(SIMILARITY_BINS.edges, sim, side='right'), minlength=5)
     assert counts == expected.tolist() and max(counts) < len(sim)
+
+
+def _wait_for(predicate, what, timeout=120.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.05)
+
+
+def test_a_second_label_run_on_one_dataset_stops_at_once_naming_the_first(corpus, tmp_path):
+    """Two real `mads label` processes on one dataset: the first holds the lock (its scorer waits
+    for a gate file), the second exits promptly with the owner's pid, host and start time; the
+    first ends with the labels of an undisturbed run. A run killed -9 leaves its lock file, which
+    the next run on this host takes over; a lock file from another host is refused."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from streaming_mads.labeling.lock import LOCK_NAME
+    out, twin = tmp_path / 'out', tmp_path / 'twin'
+    _convert(corpus, out)
+    shutil.copytree(out, twin)
+    gate = tmp_path / 'gate'
+    scorer = tmp_path / 'gated.py'
+    scorer.write_text('import os, time\n'
+                      'from streaming_mads.labeling.quality import default_scorer\n'
+                      'def gated(texts):\n'
+                      f'    while not os.path.exists({str(gate)!r}):\n'
+                      '        time.sleep(0.02)\n'
+                      '    return default_scorer(texts)\n')
+    args = ['label', '--topics', '2', '--workers', '1', '--no-progress',
+            '--quality-scorer', f'{scorer}:gated']
+    cli = [sys.executable, '-m', 'streaming_mads.run.cli']
+    locks = [out / d / 'mads' / LOCK_NAME for d in ('cooking', 'science', 'spam')]
+
+    def locked_by(pid):
+        try:
+            return all(json.loads(p.read_text() or '{}').get('pid') == pid for p in locks)
+        except (OSError, ValueError):
+            return False
+
+    first = subprocess.Popen([*cli, *args[:1], str(out), *args[1:]], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: locked_by(first.pid) or first.poll() is not None, 'the first run\'s lock')
+        assert first.poll() is None, first.communicate()
+        start = time.monotonic()
+        second = subprocess.run([*cli, *args[:1], str(out), *args[1:]], capture_output=True,
+                                text=True, timeout=120)
+        waited = time.monotonic() - start
+        assert second.returncode == 2, second.stderr
+        err = second.stderr
+        assert 'Another mads label run is labelling' in err and 'Traceback' not in err
+        assert f'pid {first.pid} on host {socket.gethostname()}' in err and 'since 20' in err
+        assert f'kill {first.pid}' in err
+        assert waited < 60  # Process start-up; it never waits on the first run.
+        assert first.poll() is None  # Still labelling, undisturbed.
+        gate.touch()
+        stdout, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not any(p.exists() for p in locks)  # Deleted when the run ends.
+    label_dataset(str(twin), topics=2, workers=1, progress=False,
+                  quality_scorer=f'{scorer}:gated')
+    assert _sidecar(out) == _sidecar(twin)
+
+    # kill -9 while holding the lock: the file stays; the next run here takes it over.
+    gate.unlink()
+    victim = subprocess.Popen([*cli, *args[:1], str(out), '--restart', *args[1:]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: locked_by(victim.pid) or victim.poll() is not None, 'the victim\'s lock')
+    finally:
+        victim.kill()
+        victim.wait()
+    assert locked_by(victim.pid)
+    gate.touch()
+    label_dataset(str(out), topics=2, workers=1, progress=False, quality_scorer=f'{scorer}:gated')
+    assert not any(p.exists() for p in locks) and _sidecar(out) == _sidecar(twin)
+
+    # A lock file from another host (a shared file system) is refused, and says what to do.
+    locks[1].write_text(json.dumps({'pid': 4242, 'host': 'elsewhere',
+                                    'since': '2024-01-01T00:00:00+00:00'}))
+    with pytest.raises(LabelingError, match='pid 4242 on host elsewhere.*2024-01-01') as info:
+        label_dataset(str(out), topics=2, workers=1, progress=False)
+    assert f'delete {locks[1]}' in str(info.value)
+    assert locks[1].exists() and not locks[0].exists()  # Left alone; nothing else kept locked.

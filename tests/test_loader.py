@@ -134,3 +134,35 @@ def test_builder_dispatches_by_name(mds_dir):
     with pytest.raises(ConfigError, match='eval_loaders.0. .x.\\.name must be mads or streaming'):
         build_dataloader({'name': 'text', 'dataset': {'local': mds_dir}}, None, B,
                          where='eval_loaders[0] (x)')
+
+
+def test_a_local_dataset_without_its_split_names_the_splits_and_the_key(tmp_path):
+    """A dataset whose index sits in a split folder, given without (or with another) split, is an
+    error naming the split looked for, the splits there are and the key to set (Streaming's own
+    error named none of them); so is a stream of `streams`."""
+    from conftest import write_stream
+    root = tmp_path / 'data'
+    write_stream(str(root / 'train'), range(16))
+    (root / 'README.md').write_text('# The training data\n')
+    where = 'eval_loaders[0] (heldout)'
+    with pytest.raises(ConfigError, match=r"eval_loaders\[0\] \(heldout\)\.dataset: .* no MDS "
+                                          r"index at its top .* in: train\. Set eval_loaders\[0\] "
+                                          r"\(heldout\)\.dataset\.split"):
+        build_dataloader({'name': 'streaming', 'dataset': {'local': str(root)}}, None, B,
+                         where=where)
+    with pytest.raises(ConfigError, match=r"for split 'val': no .*val.index\.json\. Its MDS "
+                                          r"indexes are in: train\."):
+        build_dataloader({'name': 'streaming', 'dataset': {'local': str(root), 'split': 'val'}},
+                         None, B, where=where)
+    with pytest.raises(ConfigError, match=r'train_loader\.dataset\.streams\.web\.split'):
+        build_dataloader({'name': 'mads', 'dataset': {'streams': {'web': {'local': str(root)}},
+                                                      'pool_ratio': 1}}, None, B)
+    with pytest.raises(ConfigError, match=r"missing does not exist \(looked for .*missing.val."
+                                          r"index\.json, split 'val'\)"):
+        build_dataloader({'name': 'streaming', 'dataset': {'local': str(tmp_path / 'missing'),
+                                                           'split': 'val'}}, None, B)
+    spec = build_dataloader({'name': 'streaming', 'dataset': {'local': str(root),
+                                                              'split': 'train'}}, None, B)
+    assert len(spec.dataloader.dataset) == 16
+    del spec
+    gc.collect()

@@ -167,3 +167,16 @@ def test_gpu_yamls_only_use_known_settings(name):
     assert set(dataset) <= dataset_keys
     AgentConsole(**cfg['algorithms']['mads_console'])  # Unknown keys and bad values raise.
     assert cfg['global_train_batch_size'] % 8 == 0
+
+
+def test_a_reference_without_its_split_is_a_config_error(corpus, capsys):
+    """The reference's split is checked when the Trainer is built, named by key (it used to read
+    a directory without its split as text, or fail only at the first batch)."""
+    _, ref = corpus
+    with pytest.raises(ConfigError, match=r"algorithms\.mads_console\.reference: .* no MDS index "
+                                          r"for split 'val'.*Set mads_console\.reference_split"):
+        build_trainer(load_config(QUICKSTART, _overrides(
+            corpus, ['algorithms.mads_console.reference_split=val'])))
+    assert main(['train', QUICKSTART, *_overrides(
+        corpus, ['algorithms.mads_console.reference_split=val'])]) == 2
+    assert f"{ref} has no MDS index for split 'val'" in capsys.readouterr().err

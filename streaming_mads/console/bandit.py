@@ -32,6 +32,7 @@ from streaming_mads.console.config import ConsoleConfig
 from streaming_mads.console.console import Console
 from streaming_mads.console.metrics import metric_token
 from streaming_mads.influence import PerSampleLoss, influence_mode, unwrap_ddp
+from streaming_mads.settings import check_number
 
 __all__ = ['exploration_rate', 'exp3_policy', 'exp3_update', 'memory_for_shares', 'BanditConsole']
 
@@ -93,8 +94,11 @@ class BanditConsole(Console):
     def __init__(self, config: ConsoleConfig, make_batch: Callable[[Sequence[dict]], Any],
                  loss_fn: PerSampleLoss, agent: str = 'domain', decay: float = 0.9) -> None:
         super().__init__(config, make_batch, loss_fn)
-        if not 0 <= decay < 1:
-            raise ValueError(f'domain_bandit decay must be in [0, 1), got {decay}.')
+        decay = check_number(decay, 'domain_bandit decay', low=0, high=1, high_open=True,
+                             hint='It is the weight of the past in the reward average.')
+        if not isinstance(agent, str) or not agent:
+            raise TypeError(f'domain_bandit agent={agent!r} is not allowed: it must be the name of '
+                            f'one of the dataset\'s agents.')
         self.agent_name, self.decay = agent, decay
         self.estimates: NDArray[np.float64] = np.zeros(0)
         self.steps = 0

@@ -8,10 +8,13 @@ docs/configuration.md for the table and docs/architecture.md for what each numbe
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
 from streaming_mads.console.rewards import REWARDS
+from streaming_mads.settings import check_number
 
 __all__ = ['ConsoleConfig', 'console_config']
 
@@ -75,24 +78,44 @@ class ConsoleConfig:
     probe_micro_batch: Optional[int] = None
     activation_checkpointing: bool = True
 
-    def __post_init__(self) -> None:
-        if self.update_interval < 1:
-            raise ValueError(f'update_interval must be >= 1 batch, got {self.update_interval}.')
-        if self.probe_size < 2 or self.reference_size < 1 or self.probe_pool < self.probe_size:
-            raise ValueError('Need probe_size >= 2, reference_size >= 1 and probe_pool >= '
-                             'probe_size.')
-        if self.lr_memory < 0 or self.lr_theta < 0:
-            raise ValueError('Learning rates lr_memory and lr_theta must be >= 0.')
-        if not 0 < self.memory_floor <= 1 <= self.memory_cap:
-            raise ValueError('Need 0 < memory_floor <= 1 <= memory_cap.')
-        if self.probe_micro_batch is not None and self.probe_micro_batch < 1:
-            raise ValueError(f'probe_micro_batch must be >= 1, got {self.probe_micro_batch}.')
+    #: The YAML section named in errors (not a setting).
+    section: InitVar[str] = 'mads_console'
+
+    def __post_init__(self, section: str) -> None:
+        """Check every setting's type and range (each error names the setting and the range)."""
+        def number(name: str, **bounds: Any) -> None:
+            setattr(self, name, check_number(getattr(self, name), f'{section} {name}', **bounds))
+
+        number('update_interval', integer=True, low=2,
+               hint='It is batches per weight version, and lead (>= 1) must be below it.')
+        if self.lead is not None:
+            number('lead', integer=True, low=1, high=self.update_interval - 1,
+                   hint=f'It must be below update_interval={self.update_interval} and exceed the '
+                        f'DataLoader\'s num_workers x prefetch_factor (leave it unset for that '
+                        f'+ 1).')
+        number('probe_size', integer=True, low=2)
+        number('probe_pool', integer=True, low=self.probe_size,
+               hint=f'It is the most candidates probe_size={self.probe_size} probes are drawn '
+                    f'from.')
+        number('reference_size', integer=True, low=1)
         if self.reward not in REWARDS:
-            raise ValueError(f'mads_console reward={self.reward!r}: use one of {list(REWARDS)}.')
-        if self.repeat_penalty < 0:
-            raise ValueError(f'mads_console repeat_penalty must be >= 0, got {self.repeat_penalty}.')
-        if not self.value_prior > 0:
-            raise ValueError(f'mads_console value_prior must be > 0, got {self.value_prior}.')
+            raise ValueError(f'{section} reward={self.reward!r}: use one of {list(REWARDS)}.')
+        number('value_prior', low=0, low_open=True)
+        number('repeat_penalty', low=0, hint='0 turns it off.')
+        number('lr_memory', low=0)
+        number('lr_theta', low=0)
+        number('memory_floor', low=0, high=1, low_open=True,
+               hint='It is relative to the mean memory weight.')
+        number('memory_cap', low=1, hint='It is relative to the mean memory weight.')
+        number('theta_floor', low=0, high=1, high_open=True,
+               hint='It is the smallest share of θ per agent (at most 1 / agents).')
+        number('seed', integer=True, low=0)
+        if self.probe_micro_batch is not None:
+            number('probe_micro_batch', integer=True, low=1)
+        if not isinstance(self.activation_checkpointing, (bool, np.bool_)):
+            raise TypeError(f'{section} activation_checkpointing='
+                            f'{self.activation_checkpointing!r} is not allowed: it must be true '
+                            'or false.')
 
 
 def console_config(settings: dict[str, Any], where: str = 'mads_console',
@@ -111,4 +134,4 @@ def console_config(settings: dict[str, Any], where: str = 'mads_console',
         hint = f'did you mean {close[0]!r}?' if close else \
             f'the settings are {", ".join(known)} (see docs/configuration.md).'
         raise ValueError(f'{where} has no setting {unknown[0]!r}: {hint}')
-    return ConsoleConfig(**settings)
+    return ConsoleConfig(**settings, section=where)

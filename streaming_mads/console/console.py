@@ -26,6 +26,7 @@ from streaming_mads.distributed import all_gather_object, broadcast_object, rank
 from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
 from streaming_mads.influence.preconditioning import adam_preconditioned
 from streaming_mads.selection.dataset import MADSDataset
+from streaming_mads.selection.schedule import Schedule
 from streaming_mads.selection.scores import combined_scores, repeat_penalized, simulate_keep
 
 __all__ = ['Console', 'prefetch_depth']
@@ -98,7 +99,7 @@ class Console:
                 Defaults to every pool of the dataset.
         """
         cfg = self.config
-        lead = depth + 1 if cfg.lead is None else cfg.lead
+        lead = self._lead(depth)
         if lead <= depth:
             raise ValueError(f'mads_console lead={lead} must exceed the DataLoader prefetch depth '
                              f'num_workers x prefetch_factor = {depth}: set lead >= {depth + 1}.')
@@ -109,9 +110,11 @@ class Console:
         if self.needs_reference and not len(reference):
             raise ValueError('The mads_console reference set is empty: point `reference` at a '
                              'non-empty dataset.')
+        self._check_dataset(dataset, lead)
         self.dataset, self.lead, self.reference = dataset, lead, reference
         self.kept = [np.zeros(agent.num_values) for agent in dataset.agents]
         dataset.configure_schedule(cfg.update_interval, lead, batches_per_epoch)
+        self._check_schedule()
         self.theta = dataset.initial_theta()
         self.latest = -1
         if self._pending is not None:
@@ -119,6 +122,87 @@ class Console:
             self._pending = None
         else:
             self.publish(0)
+
+    def _check_dataset(self, dataset: MADSDataset, lead: int) -> None:
+        """The settings that depend on the dataset and the world, checked before any batch."""
+        cfg = self.config
+        agents = len(dataset.agents)
+        if not agents:
+            raise ValueError('The MADSDataset has no agents (agents=[]), so there is nothing to '
+                             'steer: give it agents, or drop the console algorithm.')
+        if cfg.theta_floor * agents > 1:
+            raise ValueError(f'mads_console theta_floor={cfg.theta_floor} is impossible for '
+                             f'{agents} agents: use at most 1/{agents} = {1 / agents:.4g}.')
+        # The fewest candidates any full window logs (the first, W - L batches, may hold fewer).
+        _, world = rank_world()
+        schedule = Schedule(cfg.update_interval, lead, log_slots=dataset.board.log_slots)
+        logged = cfg.update_interval // schedule.log_stride
+        each = min(dataset.board.log_width, dataset.pool_size,
+                   schedule.log_quota(cfg.probe_pool, world, logged))
+        if cfg.probe_size > world * logged * each:
+            raise ValueError(
+                f'mads_console probe_size={cfg.probe_size} cannot be drawn: an update window logs '
+                f'at most {world * logged * each} candidates ({world} rank(s) x {logged} logged '
+                f'batches of update_interval={cfg.update_interval} x {each} each, the fewest of '
+                f'the probe log\'s {dataset.board.log_width} per pool, the pool\'s '
+                f'{dataset.pool_size} candidates and probe_pool={cfg.probe_pool}\'s share). Use '
+                f'probe_size <= {world * logged * each}, or raise update_interval, the pool '
+                f'(batch_size x pool_ratio) or probe_pool.')
+
+    def detach(self) -> None:
+        """Stop steering (the trainer's fit ended): a worker that then needs an unpublished
+        version fails at once instead of waiting ``version_timeout``."""
+        if self.dataset is not None:
+            self.dataset.board.detach()
+
+    def _saved_schedule(self) -> Optional[dict[str, int]]:
+        """The schedule recorded in the checkpoint being resumed (``None``: no resume, or a
+        checkpoint from before it was recorded)."""
+        return (self._pending or {}).get('schedule')
+
+    def _lead(self, depth: int) -> int:
+        """``L``: the setting, else the checkpoint's (resumed runs), else ``depth + 1``.
+
+        The default follows the DataLoader's prefetch depth, which a resume may change (another
+        ``num_workers``); a resumed run keeps the lead it was checkpointed with, so its batches
+        are those of an uninterrupted run, and is refused when that lead no longer exceeds the
+        prefetch depth. An explicit ``lead`` other than the checkpoint's is taken, with a
+        warning: the schedule, and so the batches, change from the resume point on.
+        """
+        cfg = self.config
+        saved = self._saved_schedule()
+        if saved is None:
+            return depth + 1 if cfg.lead is None else cfg.lead
+        old = int(saved['lead'])
+        if cfg.lead is None:
+            if old <= depth:
+                raise ValueError(
+                    f'The checkpoint was taken with mads_console lead={old}, which this run\'s '
+                    f'DataLoader prefetch depth num_workers x prefetch_factor = {depth} does not '
+                    f'stay below, so its schedule cannot be kept and the batches after the resume '
+                    f'would differ from an uninterrupted run\'s. Resume with num_workers x '
+                    f'prefetch_factor below {old} (e.g. the checkpointed run\'s num_workers), or '
+                    f'set mads_console lead (>= {depth + 1}) to accept a new schedule from the '
+                    'resume point on.')
+            return old
+        if cfg.lead != old:
+            warnings.warn(f'mads_console lead={cfg.lead} but the checkpoint was taken with '
+                          f'lead={old}: the version schedule changes from the resume point on, '
+                          'so the batches differ from an uninterrupted run\'s.')
+        return cfg.lead
+
+    def _check_schedule(self) -> None:
+        """Refuse a resume whose global batches would be numbered otherwise than the
+        checkpointed run's (another ``batches_per_epoch``)."""
+        assert self.dataset is not None
+        saved = self._saved_schedule()
+        now = self.dataset.board.schedule.batches_per_epoch
+        if saved is not None and int(saved['batches_per_epoch']) != now:
+            raise ValueError(
+                f'The checkpoint was taken with {saved["batches_per_epoch"]} batches per epoch but '
+                f'this run has {now} (another dataset, batch size, drop_last or '
+                'train_subset_num_batches): the versions follow the global batch count, so resume '
+                'with the settings of the checkpointed run.')
 
     def publish(self, version: int) -> None:
         """Publish the current θ and memories as ``version`` (to this rank's workers).
@@ -407,7 +491,11 @@ class Console:
         return out
 
     def state_dict(self, batches_done: Optional[int] = None) -> dict[str, Any]:
-        """θ, memories, counters, every version a resume may still need, and the probe log.
+        """θ, memories, counters, the schedule, every version a resume may still need, and the
+        probe log.
+
+        The schedule (``update_interval``, ``lead``, ``batches_per_epoch``) is what the run
+        really used, the default lead included, so a resume keeps it (:meth:`_lead`).
 
         Args:
             batches_done (int, optional): Batches done (Composer's count). With it, every rank's
@@ -426,7 +514,15 @@ class Console:
             'log_missing': self.log_missing,
             'probe_log': log,
             'versions': self._versions_to_save(),
+            'schedule': self._schedule_to_save(),
         }
+
+    def _schedule_to_save(self) -> Optional[dict[str, int]]:
+        if self.dataset is None:
+            return self._saved_schedule()
+        sched = self.dataset.board.schedule
+        return {'update_interval': sched.update_interval, 'lead': sched.lead,
+                'batches_per_epoch': sched.batches_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore now if attached, else at :meth:`attach` (Composer loads before FIT_START)."""

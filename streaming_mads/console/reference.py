@@ -4,13 +4,18 @@ Each update draws a fresh subset of the reference, so the whole set must be rand
 tokenised like the training data (the train collate builds its batches). A text reference is
 therefore tokenised here with the tokenizer ``mads convert`` recorded beside the training data,
 and its tokenizer is known before loading for the checks of :mod:`streaming_mads.checks`.
-docs/architecture.md has the long form.
+A local directory holding an MDS index anywhere (its top, a split folder, streams below) is
+read as MDS, never as text. The temporary folder a reference needs (a text reference's MDS copy,
+a remote one's default cache) lives as long as the reference: it is removed when the reference
+is garbage-collected, or at exit. docs/architecture.md has the long form.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -18,7 +23,7 @@ from torch.utils.data import Dataset
 
 from streaming_mads.checks import (TokenizerInfo, check_token_ids, convert_info,
                                    spec_tokenizer_info, stream_convert_info, tokenizer_info)
-from streaming_mads.remote import is_url
+from streaming_mads.remote import index_dirs, is_url, split_not_found
 from streaming_mads.streaming_internals import check_shard_files
 
 __all__ = ['ReferenceSource', 'load_reference', 'reference_tokenizer_info', 'check_reference_ids',
@@ -29,10 +34,33 @@ REFERENCE_CHECKED = 256
 
 ReferenceSource = Union[str, Dataset, Sequence[dict]]
 
+#: The setting that chooses the reference's split, named in errors.
+SPLIT_KEY = 'mads_console.reference_split'
+
 
 def _is_mds(source: str, split: Optional[str]) -> bool:
-    """Whether a local ``source`` is an MDS dataset (an ``index.json`` in its split)."""
-    return os.path.isfile(os.path.join(source, split or '', 'index.json'))
+    """Whether a local ``source`` is an MDS dataset (``True``) or text (``False``).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist; or it holds an MDS index but none for
+            ``split`` (naming the splits found and :data:`SPLIT_KEY`); or ``split`` is given for
+            text.
+    """
+    if os.path.isfile(os.path.join(source, split or '', 'index.json')):
+        return True
+    if not os.path.exists(source):
+        looked = f' (looked for its split {split!r})' if split else ''
+        raise FileNotFoundError(f'mads_console reference {source!r} does not exist{looked}: give '
+                                'an MDS dataset, or jsonl/text files of reference text.')
+    if split or index_dirs(source):
+        raise FileNotFoundError(split_not_found('mads_console reference', source, split,
+                                                SPLIT_KEY))
+    return False
+
+
+def _remove_tree(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # Not from a forked process holding a copy of the reference.
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def training_tokenizer(dataset: Any) -> str:
@@ -50,10 +78,11 @@ def training_tokenizer(dataset: Any) -> str:
                             'beside the training streams, locally or next to their remote index).')
 
 
-def text_to_mds(path: str, tokenizer: str, seq_len: int) -> str:
-    """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS."""
+def text_to_mds(path: str, tokenizer: str, seq_len: int, root: str) -> str:
+    """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS in
+    the folder ``root``."""
     from streaming_mads.convert.convert import convert
-    out = os.path.join(tempfile.mkdtemp(prefix='mads_ref_'), 'reference')
+    out = os.path.join(root, 'reference')
     convert([f'reference={path}'], out, layout='single', seq_len=seq_len, tokenizer=tokenizer,
             progress=False)
     return out
@@ -77,25 +106,36 @@ def load_reference(source: ReferenceSource, split: Optional[str] = None,
             text reference).
         tokenizer (str, optional): Tokenizer of a text reference (default: the one
             ``mads convert`` recorded beside the training data).
+
+    Raises:
+        FileNotFoundError: A local ``source`` that does not exist, or that holds an MDS index
+            but none for ``split`` (the message names the splits found and
+            ``mads_console.reference_split``).
     """
     if not isinstance(source, str):
         return source  # type: ignore[return-value]
     from streaming import StreamingDataset
     remote = is_url(source)
-    if not remote and not _is_mds(source, split):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f'mads_console reference {source!r} does not exist: give '
-                                    'an MDS dataset, or jsonl/text files of reference text.')
-        if dataset is None:
-            raise ValueError('A text reference set needs the training dataset to tokenise it.')
-        seq_len = len(dataset[0]['tokens'])
-        source = text_to_mds(source, tokenizer or training_tokenizer(dataset), seq_len)
-        split = None
-    reference = StreamingDataset(remote=source if remote else None,
-                                 local=(local or tempfile.mkdtemp(prefix='mads_ref_'))
-                                 if remote else source,
-                                 split=split, batch_size=1)
-    check_shard_files(reference)  # Its index names files before any shard is downloaded.
+    text = not remote and not _is_mds(source, split)
+    if text and dataset is None:
+        raise ValueError('A text reference set needs the training dataset to tokenise it.')
+    temporary = tempfile.mkdtemp(prefix='mads_ref_') if text or (remote and not local) else None
+    try:
+        if text:
+            seq_len = len(dataset[0]['tokens'])
+            source = text_to_mds(source, tokenizer or training_tokenizer(dataset), seq_len,
+                                 temporary)
+            split = None
+        reference = StreamingDataset(remote=source if remote else None,
+                                     local=(local or temporary) if remote else source,
+                                     split=split, batch_size=1)
+        check_shard_files(reference)  # Its index names files before any shard is downloaded.
+    except BaseException:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if temporary is not None:  # Removed with the reference (the console holds it), or at exit.
+        weakref.finalize(reference, _remove_tree, temporary, os.getpid())
     return reference
 
 
@@ -104,7 +144,8 @@ def reference_tokenizer_info(source: ReferenceSource, split: Optional[str] = Non
                              tokenizer: Optional[str] = None) -> Optional[TokenizerInfo]:
     """The reference's tokenizer, when known before loading it: the ``mads_convert.json`` of an
     MDS reference, or ``tokenizer`` for a text one (``None``: a text reference tokenised with
-    the training tokenizer, or samples given in Python). Arguments as :func:`load_reference`."""
+    the training tokenizer, or samples given in Python). Arguments and errors as
+    :func:`load_reference`."""
     if not isinstance(source, str):
         return None
     if is_url(source):

@@ -1,4 +1,5 @@
-"""``mads convert``: text (jsonl, text files, directories) to MDS shards, one stream per domain.
+"""``mads convert``: text (jsonl, Parquet, text files, directories) to MDS shards, one stream per
+domain.
 
 Output layouts (``layout``):
 
@@ -13,7 +14,12 @@ Sample modes (``mode``):
   ``ndarray:uint16:<seq_len>``, or ``uint32`` for vocabularies over 65536 ids), as pretraining
   pipelines do. Chunks never mix domains. The last partial chunk of each domain is dropped (and
   counted in the summary), as llm-foundry's concatenating converter does.
-* ``'text'``: one sample per document, column ``text`` (``str``), plus jsonl metadata fields.
+* ``'text'``: one sample per document, column ``text`` (``str``), plus jsonl/Parquet metadata
+  fields (a field that is in no record is refused: it would be an empty column).
+
+Bad input: a binary file is refused (naming it and the formats read); a bad jsonl line (invalid
+JSON, no text field) or an empty input is an error naming the file and line, or, with
+``skip_bad``, skipped and counted in the summary.
 
 Beside the shards, ``<out>/mads_convert.json`` records the streams, per-domain counts, columns and
 the tokeniser (saved in ``<out>/tokenizer/``, a Hugging Face tokenizer directory for trained and
@@ -41,8 +47,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from streaming_mads.convert.inputs import (DEFAULT_INCLUDE, Doc, Input, ReadOptions, default_domain,
-                                           is_jsonl, list_files, parse_input, read_jsonl, read_text,
+from streaming_mads.convert.inputs import (DEFAULT_INCLUDE, Doc, Input, ReadLog, ReadOptions,
+                                           default_domain, list_files, parse_input, read_file,
                                            text_pieces)
 from streaming_mads.convert.samples import DomainStats, EncodeBatch, Sink
 from streaming_mads.convert_record import (CONVERT_INFO_NAME, ConvertError, make_convert_info,
@@ -70,11 +76,14 @@ class ConvertSummary:
         streams (list[dict]): ``{'name', 'path', 'domains', 'samples'}`` per stream written.
         domains (dict[str, DomainStats]): Counts per domain.
         info (dict): The ``mads_convert.json`` record.
+        read (ReadLog): What reading met besides documents: lines skipped with ``skip_bad`` (by
+            reason) and files without a document.
     """
     out: str
     streams: list[dict[str, Any]]
     domains: dict[str, DomainStats]
     info: dict[str, Any] = field(default_factory=dict)
+    read: ReadLog = field(default_factory=ReadLog)
 
     def table(self) -> str:
         """The per-domain summary as a text table."""
@@ -93,6 +102,8 @@ class ConvertSummary:
                            for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, '-' * len(lines[0]))
         lines.insert(len(lines) - 1, '-' * len(lines[0]))
+        if self.read.report():
+            lines.append(self.read.report())
         return '\n'.join(lines)
 
 
@@ -120,6 +131,7 @@ def convert(inputs: Sequence[Union[Input, str]],
             size_limit: Union[int, str] = 1 << 26,
             compression: Optional[str] = 'zstd',
             hashes: Sequence[str] = DEFAULT_HASHES,
+            skip_bad: bool = False,
             overwrite: bool = False,
             progress: Optional[bool] = None) -> ConvertSummary:
     """Convert text inputs to MDS shards (see the module docstring for layouts and modes).
@@ -137,10 +149,12 @@ def convert(inputs: Sequence[Union[Input, str]],
             local ``tokenizer.json`` / tokenizer directory. Defaults to ``'bytes'``.
         vocab_size (int): Vocabulary size when ``tokenizer='train'``. Defaults to ``8192``.
         eos_token (str, optional): Token that ends a document, if the tokenizer does not say.
-        text_field (str): Field of a jsonl object holding the text. Defaults to ``'text'``.
-        meta_fields (Sequence[str]): jsonl fields copied as ``str`` columns (text mode only).
-        domain_field (str, optional): jsonl field naming each document's domain (overrides the
-            input's domain).
+        text_field (str): Field of a jsonl object (or Parquet column) holding the text. Defaults
+            to ``'text'``.
+        meta_fields (Sequence[str]): jsonl/Parquet fields copied as ``str`` columns (text mode
+            only); each must be in at least one record.
+        domain_field (str, optional): jsonl/Parquet field naming each document's domain
+            (overrides the input's domain).
         include (Sequence[str]): Globs selecting files inside input directories. Defaults to
             text, markdown and jsonl files.
         doc_split (str): How a text file is split into documents: ``'file'`` (one document),
@@ -151,6 +165,9 @@ def convert(inputs: Sequence[Union[Input, str]],
         hashes (Sequence[str]): Streaming hash algorithms recorded per shard in ``index.json``.
             Defaults to ``('xxh3_64',)``, which binds sidecar labels to shard content; ``()``
             records none.
+        skip_bad (bool): Skip and count bad jsonl lines and Parquet rows (invalid JSON or UTF-8,
+            no text field, ...) and empty files, instead of stopping at the first. Defaults to
+            ``False``.
         overwrite (bool): Replace an existing output written by ``mads convert``.
         progress (bool, optional): Show a progress bar; ``None`` shows it on a terminal.
 
@@ -165,7 +182,7 @@ def convert(inputs: Sequence[Union[Input, str]],
         raise ConvertError('No inputs: give at least one file or directory.')
     ins = [parse_input(i) if isinstance(i, str) else i for i in inputs]
     opts = ReadOptions(text_field, tuple(meta_fields), domain_field, tuple(include), doc_split,
-                        encoding_errors)
+                        encoding_errors, skip_bad)
 
     out = os.path.normpath(out)
     _check_out(out, overwrite)
@@ -173,14 +190,16 @@ def convert(inputs: Sequence[Union[Input, str]],
     for inp in ins:
         domain = inp.domain or default_domain(inp.path)
         _check_domain(domain, layout, f'input {inp.path}')
-        plan.append((inp, domain, list_files(inp, include)))
+        plan.append((inp, domain, list_files(inp, include, skip_bad)))
     total_bytes = sum(os.path.getsize(f) for _, _, files in plan for f in files)
+    log = ReadLog()
 
     def documents(bar: Any = None) -> Iterator[tuple[Input, Optional[Doc]]]:
+        nonlocal log
+        log = ReadLog()  # What the last pass read (tokenizer='train' reads twice).
         for inp, domain, files in plan:
             for path in files:
-                reader = read_jsonl if is_jsonl(path) else read_text
-                for doc, nbytes in reader(path, domain, opts):
+                for doc, nbytes in read_file(path, domain, opts, log):
                     if bar is not None and nbytes:
                         bar.update(nbytes)
                     yield inp, doc
@@ -238,9 +257,18 @@ def convert(inputs: Sequence[Union[Input, str]],
                 batch.add(sink, doc)
             batch.flush()
         for inp, n in docs_per_input.items():
-            if n == 0:
-                raise ConvertError(f'Input {inp.path} is empty (no non-blank document): remove it '
-                                   'or check --text-field / --include.')
+            if n == 0 and not skip_bad:
+                raise ConvertError(f'Input {inp.path} is empty (no non-blank document): remove it, '
+                                   'check --text-field / --include, or pass --skip-bad to skip '
+                                   '(and count) empty files.')
+        if not any(docs_per_input.values()):
+            raise ConvertError(f'No document in any input ({log.report()}): check the inputs and '
+                               '--text-field / --include.')
+        unknown = [k for k in meta_fields if k not in log.meta_found]
+        if unknown:
+            raise ConvertError(f'--meta-fields {", ".join(unknown)}: in no record (fields seen: '
+                               f'{", ".join(sorted(log.fields_seen)) or "none"}): check the '
+                               'spelling; each would be an empty column.')
         for sink in sinks.values():
             sink.close()
         for domain, s in stats.items():
@@ -271,7 +299,7 @@ def convert(inputs: Sequence[Union[Input, str]],
                      'domain_field': domain_field, 'include': list(include),
                      'doc_split': doc_split, 'encoding_errors': encoding_errors,
                      'size_limit': size_limit, 'compression': compression,
-                     'hashes': sorted(hashes),
+                     'hashes': sorted(hashes), 'skip_bad': skip_bad,
                      'vocab_size': vocab_size if tokenizer == 'train' else None})
         write_convert_info(tmp, info)
     except BaseException:
@@ -282,7 +310,7 @@ def convert(inputs: Sequence[Union[Input, str]],
     if os.path.exists(out):
         shutil.rmtree(out)
     os.rename(tmp, out)
-    return ConvertSummary(out, streams, dict(sorted(stats.items())), info)
+    return ConvertSummary(out, streams, dict(sorted(stats.items())), info, log)
 
 
 def _check_options(mode: str, layout: str, doc_split: str, encoding_errors: str, seq_len: int,

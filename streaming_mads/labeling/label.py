@@ -29,7 +29,8 @@ local cache like Streaming's, labelled there, and the label files uploaded besid
 The work is split by concern: :mod:`~streaming_mads.labeling.streams` finds the streams and reads
 shards (local or remote), :mod:`~streaming_mads.labeling.jobs` holds the per-shard jobs and the process
 pool, :mod:`~streaming_mads.labeling.work` the resumable work files and the final check,
-:mod:`~streaming_mads.labeling.upload` the upload to a remote, and
+:mod:`~streaming_mads.labeling.upload` the upload to a remote, :mod:`~streaming_mads.labeling.lock`
+the lock that keeps a second run off the same streams, and
 :mod:`~streaming_mads.labeling.inspect` ``mads inspect``. This module drives them.
 See docs/architecture.md.
 """
@@ -50,6 +51,7 @@ from numpy.typing import NDArray
 from streaming_mads.labeling.inspect import inspect_dataset
 from streaming_mads.labeling.jobs import (AssignJob, JobPool, ScoreJob, ShardJob, TextSpec,
                                        run_assign, run_jobs, run_score, text_spec)
+from streaming_mads.labeling.lock import LabelLock
 from streaming_mads.labeling.streams import LabelingError, StreamRef, discover_streams
 from streaming_mads.labeling.upload import tree_bytes, upload_labels, upload_report_lines
 from streaming_mads.labeling.work import (SIMILARITY_DIRNAME, TOPICS_DIRNAME, WORK_DIRNAME,
@@ -216,34 +218,38 @@ def label_dataset(dataset: str,
     if clean_cache and not remote:
         raise LabelingError(f'--clean-cache deletes the local copy of a remote dataset, but '
                             f'{dataset} is local (it is the data itself): drop --clean-cache.')
-    labeler = _Labeler(streams, columns, restart=restart, seed=seed, quality_scorer=quality_scorer,
-                       threads=max(1, (os.cpu_count() or 1) // max(workers, 1)), progress=progress)
-    pool = JobPool(workers, mp_context)
-    similarity: Optional[SimilarityModel] = None
-    try:
-        labeler.plan(info, root, domain_from, text_column, tokenizer)
-        # Read (and check) the reference before any long pass over the training shards.
-        ref_rows = (_reference_rows(reference, text_column, tokenizer)
-                    if reference is not None else None)
-        if (model is None and emb_record is not None) or ref_rows is not None:
-            labeler.choose_fit_samples(fit_samples, topics if emb_record is not None else 1)
-        labeler.score_pass(pool, emb_record)
-        if 'topic' in columns and model is None:
-            assert emb_record is not None
-            model = labeler.fit_topics(topics, emb_record)
-        if ref_rows is not None:
-            try:
-                similarity = fit_similarity(ref_rows, labeler.fit_rows(), similarity_prior)
-            except SimilarityError as err:
-                raise LabelingError(f'{err} (reference: {reference})') from err
-        if model is not None or similarity is not None:
-            labeler.assign_pass(pool, model, similarity)
-        reports = labeler.write(model, similarity)
-    finally:
-        pool.close()
-    if not keep_work:
-        for s in streams:
-            shutil.rmtree(os.path.join(labels_dir(s.local), WORK_DIRNAME), ignore_errors=True)
+    # One run per stream at a time: the loser stops here, naming the owner (labeling.lock).
+    with LabelLock([labels_dir(s.local) for s in streams]):
+        labeler = _Labeler(streams, columns, restart=restart, seed=seed,
+                           quality_scorer=quality_scorer,
+                           threads=max(1, (os.cpu_count() or 1) // max(workers, 1)),
+                           progress=progress)
+        pool = JobPool(workers, mp_context)
+        similarity: Optional[SimilarityModel] = None
+        try:
+            labeler.plan(info, root, domain_from, text_column, tokenizer)
+            # Read (and check) the reference before any long pass over the training shards.
+            ref_rows = (_reference_rows(reference, text_column, tokenizer)
+                        if reference is not None else None)
+            if (model is None and emb_record is not None) or ref_rows is not None:
+                labeler.choose_fit_samples(fit_samples, topics if emb_record is not None else 1)
+            labeler.score_pass(pool, emb_record)
+            if 'topic' in columns and model is None:
+                assert emb_record is not None
+                model = labeler.fit_topics(topics, emb_record)
+            if ref_rows is not None:
+                try:
+                    similarity = fit_similarity(ref_rows, labeler.fit_rows(), similarity_prior)
+                except SimilarityError as err:
+                    raise LabelingError(f'{err} (reference: {reference})') from err
+            if model is not None or similarity is not None:
+                labeler.assign_pass(pool, model, similarity)
+            reports = labeler.write(model, similarity)
+        finally:
+            pool.close()
+        if not keep_work:
+            for s in streams:
+                shutil.rmtree(os.path.join(labels_dir(s.local), WORK_DIRNAME), ignore_errors=True)
     cache_bytes = tree_bytes(root) if remote else 0
     if clean_cache:
         shutil.rmtree(root)

@@ -20,10 +20,12 @@ import numpy as np
 from streaming_mads.convert_record import CONVERT_INFO_NAME, fetch_convert_info, read_convert_info
 from streaming_mads.labels import LABELS_DIRNAME, check_index_names
 from streaming_mads.remote import contained_path, download, is_url, join_path, try_download
+from streaming_mads.shard_check import VerifyReport, check_shard_bytes, verify_streams
 from streaming_mads.tokenizer import TOKENIZER_DIRNAME
 
 __all__ = [
-    'LabelingError', 'StreamRef', 'discover_streams', 'read_index', 'load_shard', 'RemoteStream'
+    'LabelingError', 'StreamRef', 'discover_streams', 'read_index', 'load_shard', 'RemoteStream',
+    'verify_dataset'
 ]
 
 
@@ -165,6 +167,25 @@ def discover_streams(
     return streams, None, dataset
 
 
+def verify_dataset(dataset: str, split: Optional[str] = None) -> VerifyReport:
+    """``mads verify``: every local shard file of every stream of ``dataset`` against its index.
+
+    Args:
+        dataset (str): A local dataset, as ``mads label`` takes it (a ``mads convert`` output,
+            one MDS stream, a tree of streams), or the local cache of a remote one.
+        split (str, optional): Split subdirectory of each stream. Defaults to ``None``.
+
+    Returns:
+        VerifyReport: See :func:`streaming_mads.shard_check.verify_streams`.
+    """
+    if is_url(dataset):
+        raise LabelingError(f'mads verify checks local shard files; {dataset} is a remote: give '
+                            'its local copy (the `local` folder Streaming or mads label cached '
+                            'it in).')
+    streams, _, _ = discover_streams(dataset, split=split)
+    return verify_streams([(ref.name, ref.local) for ref in streams])
+
+
 def _stream_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path)) or 'stream'
 
@@ -213,7 +234,7 @@ def load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any],
     if os.path.isfile(raw_path) and os.path.getsize(raw_path) == raw_info['bytes']:
         with open(raw_path, 'rb') as f:
             data = f.read()
-        _check_shard_hash(data, raw_info, raw_path, name)
+        check_shard_bytes(data, raw_info, raw_path, name, LabelingError)
     else:
         info = zip_info or raw_info
         path = contained_path(ref_local, info['basename'], source, LabelingError)
@@ -229,7 +250,7 @@ def load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any],
                                 'disagree; re-convert or re-download the stream.')
         with open(path, 'rb') as f:
             data = f.read()
-        _check_shard_hash(data, info, path, name)
+        check_shard_bytes(data, info, path, name, LabelingError)
         if zip_info:
             data = decompress(shard['compression'], data)
     if len(data) != raw_info['bytes']:
@@ -243,16 +264,3 @@ def load_shard(ref_local: str, ref_remote: Optional[str], shard: dict[str, Any],
     reader = MDSReader.from_json(ref_local, None, shard)
     return [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(n)]
 
-
-def _check_shard_hash(data: bytes, info: dict[str, Any], path: str, name: str) -> None:
-    """Compare a shard file's bytes with a hash its index records (``mads convert`` records
-    one by default), so labels are never computed from shards that are not the indexed ones."""
-    from streaming.base.hashing import get_hash, is_hash
-    hashes = {algo: digest for algo, digest in (info.get('hashes') or {}).items() if is_hash(algo)}
-    if not hashes:
-        return
-    algo = min(hashes)
-    if get_hash(algo, data) != hashes[algo]:
-        raise LabelingError(f'Shard {path} of stream {name} does not match the {algo} hash in its '
-                            'index.json: the shard was modified or corrupted; re-convert or '
-                            're-download the stream.')

@@ -28,8 +28,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streaming_mads.labeling.topics import TopicError
     from streaming_mads.remote import UnsafePathError
     from streaming_mads.run.train import ConfigError
+    from streaming_mads.shm import CleanShmError
+    from streaming_mads.shard_check import ShardCheckError
     return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError,
-            ConfigError, TokenizerMismatchError, UnsafePathError)
+            ConfigError, TokenizerMismatchError, UnsafePathError, CleanShmError, ShardCheckError)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -47,8 +49,9 @@ def _progress_flag(args: argparse.Namespace) -> Optional[bool]:
 def _add_convert(p: argparse.ArgumentParser) -> None:
     from streaming_mads.convert.convert import DEFAULT_INCLUDE
     p.add_argument('inputs', nargs='+', metavar='[DOMAIN=]PATH',
-                   help='jsonl file (.jsonl/.jsonl.gz/.jsonl.zst), text file, or directory '
-                   '(searched recursively); DOMAIN defaults to the file or directory name')
+                   help='jsonl file (.jsonl/.jsonl.gz/.jsonl.zst), Parquet file (.parquet, needs '
+                   'pyarrow), text file, or directory (searched recursively); DOMAIN defaults to '
+                   'the file or directory name')
     p.add_argument('-o', '--out', required=True, help='output directory (local)')
     p.add_argument('--mode', choices=('tokens', 'text'), default='tokens',
                    help='fixed-length token samples (default) or one text sample per document')
@@ -60,10 +63,11 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
                    'tokenizer.json / tokenizer directory')
     p.add_argument('--vocab-size', type=int, default=8192, help='BPE vocabulary with --tokenizer train')
     p.add_argument('--eos-token', help='token that ends a document, if the tokenizer does not say')
-    p.add_argument('--text-field', default='text', help='jsonl field holding the text (default text)')
-    p.add_argument('--meta-fields', default='', help='comma-separated jsonl fields kept as str '
-                   'columns (text mode)')
-    p.add_argument('--domain-field', help='jsonl field naming each document\'s domain')
+    p.add_argument('--text-field', default='text',
+                   help='jsonl/Parquet field holding the text (default text)')
+    p.add_argument('--meta-fields', default='', help='comma-separated jsonl/Parquet fields kept as '
+                   'str columns (text mode); each must be in some record')
+    p.add_argument('--domain-field', help='jsonl/Parquet field naming each document\'s domain')
     p.add_argument('--include', default=','.join(DEFAULT_INCLUDE),
                    help='comma-separated globs of files to read inside directories')
     p.add_argument('--doc-split', choices=('file', 'line', 'paragraph'), default='file',
@@ -76,6 +80,9 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument('--hashes', default='xxh3_64',
                    help='comma-separated shard hashes recorded in index.json (default xxh3_64, '
                    'which binds labels to shard content; "none" for none)')
+    p.add_argument('--skip-bad', action='store_true',
+                   help='skip and count bad jsonl lines / Parquet rows (invalid JSON, no text '
+                   'field, ...) and empty files instead of stopping at the first')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output')
     _add_progress(p)
 
@@ -90,7 +97,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         encoding_errors=args.encoding_errors, size_limit=args.size_limit,
         compression=None if args.compression in ('', 'none') else args.compression,
         hashes=[] if args.hashes in ('', 'none') else _split(args.hashes),
-        overwrite=args.overwrite, progress=_progress_flag(args))
+        skip_bad=args.skip_bad, overwrite=args.overwrite, progress=_progress_flag(args))
     print(f'wrote {len(summary.streams)} stream(s) to {summary.out}')
     print(summary.table())
     return 0
@@ -198,6 +205,51 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# mads clean-shm
+
+
+def _add_clean_shm(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--dry-run', action='store_true', help='only list what would be removed')
+    p.add_argument('--shm-dir', default='/dev/shm', help='the shared-memory folder (/dev/shm)')
+
+
+def _run_clean_shm(args: argparse.Namespace) -> int:
+    from streaming_mads.shm import clean_shared_memory, groups_table
+    groups = clean_shared_memory(dry_run=args.dry_run, shm_dir=args.shm_dir)
+    print(groups_table(groups, args.dry_run, args.shm_dir))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# mads verify
+
+
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument('dataset', help='local dataset: mads convert output, MDS stream directory (or '
+                   'tree of them), or the local cache of a remote one')
+    p.add_argument('--split', help='split subdirectory of each stream')
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from streaming_mads.labeling.streams import LabelingError, verify_dataset
+    report = verify_dataset(args.dataset, split=args.split)
+    print(report.summary())
+    if report.bad:
+        print(report.problems())
+        print(f'mads verify: {len(report.bad)} shard file(s) are not what their index.json '
+              'describes: delete them (a remote\'s cache downloads them again) or rewrite the '
+              'stream.', file=sys.stderr)
+        return 1
+    if not report.files:
+        raise LabelingError(f'No shard file of {args.dataset} is present locally: nothing to '
+                            'verify.')
+    if report.unhashed:
+        raise LabelingError(report.unhashed_note())
+    print('every local shard file matches its index.json')
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Registration.
 
 
@@ -225,6 +277,11 @@ SUBCOMMANDS: list[Subcommand] = [
                _add_train, _run_train),
     Subcommand('demo', 'the main job: embedded corpus, convert, label, train MADS vs uniform',
                _add_demo, _run_demo),
+    Subcommand('clean-shm', 'remove the Streaming / MADS shared memory of runs that are gone '
+               '(killed with their resource tracker); --dry-run lists it', _add_clean_shm,
+               _run_clean_shm),
+    Subcommand('verify', 'check every local shard file against the sizes and hashes its '
+               'index.json records; lists each bad one (exit 1)', _add_verify, _run_verify),
 ]
 
 

@@ -94,6 +94,40 @@ def _max_seq_len(value: Any, bound: Optional[int], where: str) -> Optional[int]:
     return int(value)
 
 
+def _check_local_indexes(dataset_cfg: Mapping[str, Any], where: str) -> None:
+    """Each dataset or stream given by a local path has an MDS index for its split.
+
+    Streaming's own error names neither the splits there are nor the key to set; this one does
+    (for a remote, the local path is a cache and is not checked).
+    """
+    from streaming_mads.remote import is_url, split_not_found
+    default_split = dataset_cfg.get('split')
+    streams = dataset_cfg.get('streams')
+    if streams is None:
+        places: list[tuple[Any, str]] = [(dataset_cfg, f'{where}.dataset')]
+    elif isinstance(streams, Mapping):
+        places = [(spec, f'{where}.dataset.streams.{name}') for name, spec in streams.items()]
+    elif isinstance(streams, (list, tuple)):
+        places = [(spec, f'{where}.dataset.streams.{i}') for i, spec in enumerate(streams)]
+    else:
+        return  # streams_from_config names the error.
+    for spec, key in places:
+        if isinstance(spec, Mapping):
+            remote, local, split = spec.get('remote'), spec.get('local'), spec.get('split')
+        else:  # A streaming.Stream.
+            remote, local = getattr(spec, 'remote', None), getattr(spec, '_local', None)
+            split = getattr(spec, 'split', None)
+        path = remote or local
+        if not isinstance(path, str) or is_url(path):
+            continue
+        split_key = f'{key}.split' if split or streams is None else \
+            f'{key}.split (or {where}.dataset.split)'
+        message = split_not_found(f'{key}: the dataset at', path, split or default_split,
+                                  split_key)
+        if message is not None:
+            raise ConfigError(message)
+
+
 def _dataset_class(name: str, where: str) -> type:
     from streaming import StreamingDataset
 
@@ -225,6 +259,7 @@ def build_dataloader(cfg: Mapping[str, Any],
     misplaced = sorted(_mads_only_keys() & set(dataset_cfg)) if name != 'mads' else []
     if misplaced:
         raise ConfigError(f'{where}.dataset.{misplaced[0]} only applies to name: mads.')
+    _check_local_indexes(dataset_cfg, where)
     if 'streams' in dataset_cfg:
         dataset_cfg['streams'] = streams_from_config(dataset_cfg['streams'],
                                                      f'{where}.dataset.streams')

@@ -254,7 +254,11 @@ def _check_tokenizers(model: Any, train_dataset: Any, evaluators: Sequence[Any],
     reference = None
     for algo in algorithms:
         if hasattr(algo, 'reference_tokenizer_info'):
-            reference = algo.reference_tokenizer_info()
+            try:
+                reference = algo.reference_tokenizer_info()
+            except FileNotFoundError as err:  # No reference there, or not at its split.
+                raise ConfigError(f'algorithms.{getattr(algo, "section", "mads_console")}'
+                                  f'.reference: {err}') from err
     check_run(model, train_dataset, evals, reference)
 
 

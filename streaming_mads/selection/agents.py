@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from streaming_mads.labels import CATEGORICAL, SCORE, LabelError, LabelStore
 from streaming_mads.score_bins import DEFAULT_QUALITY_EDGES, DEFAULT_SIMILARITY_EDGES
 from streaming_mads.selection.scores import centred_log_weights
+from streaming_mads.settings import check_numbers
 
 __all__ = [
     'Agent', 'CategoricalAgent', 'BinnedAgent', 'QualityAgent', 'DomainAgent', 'TopicAgent',
@@ -93,17 +94,19 @@ class Agent:
     kind: str = ''
 
     def __init__(self, name: str, column: str, init: Optional[Init] = None) -> None:
-        if not name:
-            raise ValueError('An agent needs a non-empty `name`.')
+        for key, value in (('name', name), ('column', column)):
+            if not isinstance(value, str) or not value:
+                raise (ValueError if isinstance(value, str) else TypeError)(
+                    f'Agent {key}={value!r} is not allowed: it must be a non-empty string.')
         self.name = name
         self.column = column
         self.balanced = isinstance(init, str)
         if self.balanced and init != BALANCED:
             raise ValueError(f'Agent {name!r}: `init` is a list of positive weights or '
                              f'{BALANCED!r}, got {init!r}.')
-        self.init = None if init is None or self.balanced else np.asarray(init, np.float64)
-        if self.init is not None and (self.init.ndim != 1 or np.any(self.init <= 0)):
-            raise ValueError(f'Agent {name!r}: `init` must be a list of positive weights.')
+        self.init = None if init is None or self.balanced else check_numbers(
+            init, f'Agent {name!r} init', low=0, low_open=True,
+            hint=f'`init` is one positive weight per label value, or {BALANCED!r}.')
         self.value_names: tuple[str, ...] = ()
         self.freq: NDArray[np.int64] = np.zeros(0, np.int64)
         self.memory: NDArray[np.float64] = np.zeros(0)
@@ -222,8 +225,9 @@ class BinnedAgent(Agent):
     def __init__(self, name: str, column: str, edges: Sequence[float],
                  init: Optional[Init] = None) -> None:
         super().__init__(name, column, init)
-        self.edges = np.asarray(edges, np.float64)
-        if self.edges.ndim != 1 or len(self.edges) < 1 or np.any(np.diff(self.edges) <= 0):
+        self.edges = check_numbers(edges, f'Agent {name!r} bins',
+                                   hint='`bins` are the inner edges of a score column\'s bins.')
+        if np.any(np.diff(self.edges) <= 0):
             raise ValueError(f'Agent {name!r}: `bins` must be a non-empty increasing list of edges, '
                              f'got {list(edges)}.')
 
@@ -294,6 +298,10 @@ def build_agent(spec: AgentSpec) -> Agent:
             raise ValueError(f'Unknown agent preset {spec!r}: use one of {sorted(_PRESETS)} or a '
                              'dict {name, column, bins}.')
         return _PRESETS[spec]()
+    if not isinstance(spec, Mapping):
+        raise TypeError(f'Agent spec {spec!r} is not allowed: use a preset name '
+                        f'({", ".join(sorted(_PRESETS))}), a dict {{name, column, bins, init}} '
+                        'or an Agent.')
     spec = dict(spec)
     unknown = set(spec) - {'name', 'column', 'bins', 'type', 'init'}
     if unknown:
@@ -301,7 +309,7 @@ def build_agent(spec: AgentSpec) -> Agent:
                          'bins, type, init.')
     init = spec.get('init')
     kind: Optional[str] = spec.pop('type', None)
-    if kind is not None and kind not in _PRESETS:
+    if kind is not None and (not isinstance(kind, str) or kind not in _PRESETS):
         raise ValueError(f'Unknown agent type {kind!r}: use one of {sorted(_PRESETS)}.')
     name = spec.get('name') or kind
     if not name:

@@ -34,12 +34,13 @@ from numpy.typing import NDArray
 from streaming_mads.selection.schedule import Schedule
 from streaming_mads.streaming_internals import SharedMemory
 
-__all__ = ['Weights', 'WeightBoard', 'VersionTimeoutError', 'VersionEvictedError']
+__all__ = ['Weights', 'WeightBoard', 'VersionTimeoutError', 'VersionEvictedError',
+           'VersionUnreachableError']
 
 _MAGIC = 0x4D414453  # 'MADS'
 _HEADER = 12  # magic, agents, capacity, interval, lead, latest, slot words, generation, ...
 (_I_MAGIC, _I_AGENTS, _I_CAPACITY, _I_INTERVAL, _I_LEAD, _I_LATEST, _I_SLOT, _I_GEN,
- _I_EPOCH) = range(9)  # ... batches per epoch.
+ _I_EPOCH, _I_LIVE) = range(10)  # ... batches per epoch, whether a console publishes.
 _TICK = 0.002
 
 
@@ -49,6 +50,10 @@ class VersionTimeoutError(TimeoutError):
 
 class VersionEvictedError(RuntimeError):
     """A worker asked for a weight version already overwritten on the board's ring."""
+
+
+class VersionUnreachableError(RuntimeError):
+    """A worker needs a weight version that will never be published: waiting cannot help."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,12 @@ class WeightBoard:
         w = self._words()
         w[_I_INTERVAL], w[_I_LEAD], w[_I_EPOCH] = (schedule.update_interval, schedule.lead,
                                                    schedule.batches_per_epoch)
+        w[_I_LIVE] = 1
+
+    def detach(self) -> None:
+        """The console stopped publishing (its ``Trainer.fit`` ended): from now on a worker that
+        needs a version not yet published fails at once instead of waiting for it."""
+        self._words()[_I_LIVE] = 0
 
     @property
     def schedule(self) -> Schedule:
@@ -208,6 +219,16 @@ class WeightBoard:
             raise ValueError(f'Weights do not fit the board: version {version}, theta '
                              f'{theta.shape}, memories {[len(m) for m in memories]} vs agents '
                              f'{self.agent_sizes}.')
+        # A NaN score would read as padding and its pool would keep nothing: refuse it here.
+        parts = {'theta': theta, **{f'memory of agent {a}': np.asarray(m, np.float64)
+                                    for a, m in enumerate(memories)}}
+        bad = [f'{what} {w.tolist()}' for what, w in parts.items()
+               if not np.all(np.isfinite(w) & (w >= 0))]
+        if bad:
+            raise ValueError(f'Weight version {version} is not publishable: {"; ".join(bad)} (θ '
+                             f'and memories must be finite and >= 0). A learning rate or '
+                             f'checkpoint produced it: check lr_theta, lr_memory and the agents\' '
+                             f'init.')
         words, floats = self._words(), self._floats()
         start = self._slot_start(version)
         words[start] = -1
@@ -264,6 +285,7 @@ class WeightBoard:
             weights = self.read(version)
             if weights is not None:
                 return weights
+            self._check_reachable(version, batch)
             if time.monotonic() >= deadline:
                 where = f' for global batch {batch}' if batch is not None else ''
                 schedule = self.schedule
@@ -275,6 +297,33 @@ class WeightBoard:
                     f'batches, so raise `lead` (or lower prefetch), or raise the dataset\'s '
                     f'`version_timeout` if updates are just slow.')
             time.sleep(_TICK)
+
+    def _check_reachable(self, version: int, batch: Optional[int]) -> None:
+        """Raise :class:`VersionUnreachableError` if ``version`` cannot come, whatever the wait.
+
+        Two cases. No console is running (one configured the schedule, then its fit ended), so
+        nothing publishes. Or the version is two or more past the newest: the console publishes
+        version ``v`` once the trainer has done ``v·W − L`` batches and a worker runs at most
+        ``num_workers x prefetch_factor < L`` batches ahead, so a worker whose batches are the
+        trainer's never needs more than the next version; one that does counts batches the
+        trainer never runs, and the trainer would wait on it forever.
+        """
+        words = self._words()
+        latest = int(words[_I_LATEST])
+        if words[_I_LIVE] and version < latest + 2:
+            return
+        reason = ('no console is running: versions after 0 are published only inside '
+                  'Trainer.fit, by AgentConsole or DomainBandit, and this fit has ended'
+                  ) if not words[_I_LIVE] else (
+                      f'the newest published is {latest}, and a worker whose batches are the '
+                      f'trainer\'s never needs more than the next one')
+        where = f' for global batch {batch}' if batch is not None else ''
+        raise VersionUnreachableError(
+            f'A DataLoader worker needs weight version {version}{where}, which will not be '
+            f'published: {reason}. The DataLoader\'s batches must be the trainer\'s: give the '
+            f'DataLoader the MADSDataset\'s batch_size, and iterate it only inside Trainer.fit '
+            f'(a batch taken before fit is fine); to look at what a finished run selects, build a '
+            f'new MADSDataset and publish the weights to it.')
 
     # -- selection statistics -------------------------------------------------------------
 

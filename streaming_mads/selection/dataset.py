@@ -21,20 +21,37 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.selection.agents import Agent, AgentSpec, build_agents
+from streaming_mads.selection.agents import Agent, AgentSpec, build_agent, build_agents
 from streaming_mads.selection.board import Weights, WeightBoard
 from streaming_mads.labels import LabelStore, StreamLabels, fetch_labels
 from streaming_mads.selection.pools import batch_in_epoch
 from streaming_mads.selection.step import gather_label_ids, pool_selections, version_tables
+from streaming_mads.settings import check_number
 from streaming_mads.streaming_internals import (SelectingStreamingDataset, check_streaming,
                                                 shared_memory_name)
 
 __all__ = ['MADSDataset']
+
+
+def _agent_specs(agents: Optional[Sequence[AgentSpec]], selecting: bool) -> Optional[list[Agent]]:
+    """The agents, built (so every agent setting is checked before Streaming starts), or
+    ``None`` for the default (a preset per label column present)."""
+    if agents is None:
+        return None
+    if isinstance(agents, (str, bytes, Mapping)) or not isinstance(agents, Iterable):
+        raise TypeError(f'MADSDataset agents={agents!r} is not allowed: it must be a list of agent '
+                        f'specs, e.g. [quality, domain].')
+    built = [build_agent(spec) for spec in agents]
+    if not built and selecting:
+        raise ValueError('MADSDataset agents=[] with pool_ratio > 1 is not allowed: a pool needs '
+                         'at least one agent to choose by. Give agents, or pool_ratio=1 (the '
+                         'parent StreamingDataset exactly, no labels needed).')
+    return built
 
 
 class MADSDataset(SelectingStreamingDataset):
@@ -50,7 +67,8 @@ class MADSDataset(SelectingStreamingDataset):
             keeps ``B`` of every pool.
         agents (Sequence[AgentSpec], optional): Selection agents: presets ``'quality'``,
             ``'domain'``, ``'topic'``, dicts ``{name, column, bins}`` or :class:`Agent` objects.
-            Defaults to every preset whose label column exists.
+            Defaults to every preset whose label column exists. ``[]`` (with ``pool_ratio=1``
+            only): no agents, no labels needed, exactly the parent.
         pool_ratio (float): ``r >= 1``: candidates per kept sample; ``r·B`` must be an integer.
             ``1`` selects nothing away. Defaults to ``1``.
         temperature (float): ``τ >= 0`` of Gumbel-top-k on the combined score, the one knob for
@@ -62,6 +80,11 @@ class MADSDataset(SelectingStreamingDataset):
         version_timeout (float): Seconds a worker waits for an unpublished weight version before
             failing. Defaults to ``600``.
         board_capacity (int): Weight versions kept in shared memory. Defaults to ``16``.
+        verify_shards (bool): Before the first sample, check every local shard file against the
+            size and hash its ``index.json`` records (each file read once per node, the node's
+            ranks sharing the work), refusing modified or damaged ones by stream and name
+            (Streaming checks only what it downloads, given ``validate_hash``). Defaults to
+            ``False``.
         **kwargs: Every other :class:`streaming.StreamingDataset` argument.
     """
 
@@ -74,25 +97,35 @@ class MADSDataset(SelectingStreamingDataset):
                  selection_seed: int = 0,
                  version_timeout: float = 600.0,
                  board_capacity: int = 16,
+                 verify_shards: bool = False,
                  **kwargs: Any) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f'MADSDataset needs `batch_size` (the device batch size, as given to '
-                             f'the DataLoader), a positive int; got {batch_size!r}.')
-        if not pool_ratio >= 1:
-            raise ValueError(f'`pool_ratio` must be >= 1 (1 keeps every candidate), got '
-                             f'{pool_ratio}.')
+        batch_size = int(check_number(batch_size, 'MADSDataset batch_size', integer=True, low=1,
+                                      hint='It is the device batch size, as given to the '
+                                           'DataLoader.'))
+        pool_ratio = check_number(pool_ratio, 'MADSDataset pool_ratio', low=1,
+                                  hint='It is candidates per kept sample (1 keeps every one).')
         pool_size = int(round(pool_ratio * batch_size))
         if abs(pool_size - pool_ratio * batch_size) > 1e-9:
             raise ValueError(f'pool_ratio x batch_size = {pool_ratio * batch_size} must be a whole '
                              f'number of candidates: pick pool_ratio as a multiple of '
                              f'1/{batch_size}.')
-        if not temperature >= 0:
-            raise ValueError(f'`temperature` must be >= 0 (0 = hard top-k), got {temperature}.')
-        if selection_seed < 0 or version_timeout <= 0:
-            raise ValueError('`selection_seed` must be >= 0 and `version_timeout` > 0.')
+        temperature = check_number(temperature, 'MADSDataset temperature', low=0,
+                                   hint='0 is hard top-k; larger is closer to uniform.')
+        selection_seed = check_number(selection_seed, 'MADSDataset selection_seed', integer=True,
+                                      low=0)
+        version_timeout = check_number(version_timeout, 'MADSDataset version_timeout', low=0,
+                                       low_open=True, hint='It is in seconds.')
+        board_capacity = check_number(board_capacity, 'MADSDataset board_capacity', integer=True,
+                                      low=2)
+        specs = _agent_specs(agents, pool_size != batch_size)
+        if not isinstance(verify_shards, bool):
+            raise TypeError(f'MADSDataset verify_shards must be true or false, got '
+                            f'{verify_shards!r}.')
         super().__init__(batch_size=pool_size, **kwargs)
         check_streaming(self)
         self.check_shard_files()  # Before any shard download: the index names are untrusted.
+        if verify_shards:
+            self.verify_local_shards()
         self.device_batch_size = batch_size
         self.pool_ratio = pool_size / batch_size
         self.pool_size = pool_size
@@ -100,9 +133,13 @@ class MADSDataset(SelectingStreamingDataset):
         self.selection_seed = int(selection_seed)
         self.version_timeout = float(version_timeout)
 
-        self.labels = self._open_labels()
-        available = set.intersection(*(set(s.columns) for s in self.labels.streams))
-        self.agents: list[Agent] = build_agents(agents, self.labels, sorted(available))
+        self.agents: list[Agent] = []
+        if specs == []:  # Pool ratio 1 without agents: nothing is scored, no labels are needed.
+            self.labels = LabelStore([], np.zeros(0, np.int64))
+        else:
+            self.labels = self._open_labels()
+            available = set.intersection(*(set(s.columns) for s in self.labels.streams))
+            self.agents = build_agents(specs, self.labels, sorted(available))
 
         # Per-rank batches of an epoch: one per pool, the last possibly partial.
         candidates = self.length
@@ -135,7 +172,7 @@ class MADSDataset(SelectingStreamingDataset):
 
     def initial_theta(self) -> NDArray[np.float64]:
         """Equal collaborative weights (version 0 before a console publishes its own)."""
-        return np.full(len(self.agents), 1.0 / len(self.agents))
+        return np.full(len(self.agents), 1.0 / max(len(self.agents), 1))
 
     def trainer_batches_per_epoch(self, drop_last: bool) -> int:
         """Batches per epoch a DataLoader over this dataset yields (``drop_last`` or not)."""
@@ -158,6 +195,17 @@ class MADSDataset(SelectingStreamingDataset):
             raise ValueError(f'batches_per_epoch={batches_per_epoch} must be between 1 and the '
                              f'{self.batches_per_epoch} pools this rank has per epoch.')
         self.board.configure(update_interval, lead, batches_per_epoch)
+
+    def rewind_epoch(self, epoch: int) -> None:
+        """Make the next iteration Streaming's epoch ``epoch`` if one outside the trainer's loop
+        (a batch taken before ``Trainer.fit``) already moved Streaming's epoch counter past it.
+
+        The schedule numbers a pool's global batch by Streaming's epoch, so that epoch must be
+        the trainer's. Streaming counts an epoch per ``iter()``; a resumption state of the same
+        epoch is then honoured as usual.
+        """
+        if self.next_epoch > epoch:
+            self.next_epoch = epoch
 
     def publish(self, version: int, theta: NDArray, memories: Sequence[NDArray]) -> None:
         """Publish a weight version to this rank's workers (call from the rank's main process)."""

@@ -49,9 +49,21 @@ def gather_label_ids(store: LabelStore, agents: Sequence[Agent],
 
 def version_tables(agents: Sequence[Agent], weights: Weights) -> list[NDArray[np.float64]]:
     """Per-agent score tables ``θ_a ŝ_a`` of a weight version (each agent's
-    :meth:`~streaming_mads.selection.agents.Agent.score_table` of the published memory)."""
-    return score_tables([agent.score_table(m) for agent, m in zip(agents, weights.memories)],
-                        weights.theta)
+    :meth:`~streaming_mads.selection.agents.Agent.score_table` of the published memory).
+
+    Raises:
+        ValueError: A table holds NaN or ``+inf`` (a NaN score would read as padding, and a pool
+            would keep nothing), naming the agent and the version. ``-inf`` (a memory weight of
+            0) means never keep the value.
+    """
+    tables = score_tables([agent.score_table(m) for agent, m in zip(agents, weights.memories)],
+                          weights.theta)
+    for agent, table in zip(agents, tables):
+        if np.any(np.isnan(table) | (table == np.inf)):
+            raise ValueError(f'Agent {agent.name!r} scores weight version {weights.version} as '
+                             f'{table.tolist()}: a score must be finite, or -inf for a value never '
+                             f'kept. Its score_table or the published weights are wrong.')
+    return tables
 
 
 def pool_selections(sample_ids: NDArray[np.int64], batches: NDArray[np.int64],
