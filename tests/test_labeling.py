@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from streaming_mads.labeling import label as labeling
+from streaming_mads.labeling.inspect import inspect_dataset
 from streaming_mads.run.cli import main
 from streaming_mads.convert.convert import convert
 from streaming_mads.convert_record import read_convert_info
@@ -257,7 +258,7 @@ def test_remote_dataset_and_reused_topic_model(corpus, tmp_path):
             open(cache / name / 'mads' / 'manifest.json', 'rb').read()
         assert (remote / name / 'mads' / 'topics' / 'centroids.npy').is_file()
         assert not (remote / name / 'mads' / '.work').exists()
-    text = labeling.inspect_dataset(str(remote), local=str(tmp_path / 'cache2'))
+    text = inspect_dataset(str(remote), local=str(tmp_path / 'cache2'))
     assert 'topic (categorical)' in text
     # New data assigned to the same clusters.
     new = tmp_path / 'new'

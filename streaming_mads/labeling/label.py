@@ -48,7 +48,6 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.labeling.inspect import inspect_dataset
 from streaming_mads.labeling.jobs import (AssignJob, JobPool, ScoreJob, ShardJob, TextSpec,
                                        run_assign, run_jobs, run_score, text_spec)
 from streaming_mads.labeling.lock import LabelLock
@@ -67,7 +66,7 @@ from streaming_mads.labeling.topics import (NUM_BUCKETS, TermRows, TopicModel, i
 
 __all__ = [
     'LabelingError', 'StreamRef', 'LabelReport', 'label_dataset', 'discover_streams',
-    'inspect_dataset', 'WORK_DIRNAME', 'TOPICS_DIRNAME', 'DEFAULT_COLUMNS', 'ALL_COLUMNS'
+    'WORK_DIRNAME', 'TOPICS_DIRNAME', 'DEFAULT_COLUMNS', 'ALL_COLUMNS'
 ]
 
 #: Columns labelled by default; ``similarity`` joins them when a reference is given.

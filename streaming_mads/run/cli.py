@@ -172,7 +172,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from streaming_mads.labeling.label import inspect_dataset
+    from streaming_mads.labeling.inspect import inspect_dataset
     print(inspect_dataset(args.dataset, local=args.local, split=args.split))
     return 0
 

@@ -154,7 +154,7 @@ def prepare_data(out: str, code_bytes: int, seq_len: int, vocab_size: int,
     """
     from streaming_mads.convert.convert import convert
     from streaming_mads.corpora.demo import build_demo_text
-    from streaming_mads.labeling.label import inspect_dataset, label_dataset
+    from streaming_mads.labeling import inspect_dataset, label_dataset
     from streaming_mads.corpora.packages import build_packages_text
 
     builders = {'demo': build_demo_text, 'packages': build_packages_text}
