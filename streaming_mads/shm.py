@@ -18,7 +18,12 @@ it open (``/proc/<pid>/fd``). The segments of one prefix (a *group*) go together
   process maps or holds any of its segments.
 
 A group not in use is removed; one in use is never touched, and a segment replaced since it was
-listed is left alone. Only the caller's own segments are considered. ``/proc`` shows the processes
+listed is left alone. Streaming also leaves two lock files per prefix in the temp folder
+(``/tmp/000003_barrier_filelock``, ``..._cache_filelock``) that nothing ever removes, and every
+later StreamingDataset skips each prefix that has one, one ``stat`` at a time: on a node that has
+built thousands of datasets, building one takes a tenth of a second more per thousand. A lock
+file whose prefix has no segment left and that no live process holds open is stale and removed
+with the segments (:func:`clean_filelocks`). Only the caller's own segments are considered. ``/proc`` shows the processes
 of this PID namespace only, so run it where every process that shares this ``/dev/shm`` is
 visible (inside a container: the container whose ``/dev/shm`` it is). See docs/architecture.md,
 "Reliability", and docs/configuration.md (``mads clean-shm``).
@@ -28,12 +33,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from tempfile import gettempdir
 from typing import Iterable, Optional
 
-from streaming_mads.streaming_internals import parse_shared_memory_name, streaming_segment_names
+from streaming_mads.streaming_internals import (parse_shared_memory_name,
+                                                streaming_filelock_names, streaming_segment_names)
 
 __all__ = ['BOARD_SUFFIX', 'SHM_DIR', 'CleanShmError', 'SegmentGroup', 'find_groups',
-           'clean_shared_memory', 'groups_table']
+           'clean_shared_memory', 'clean_filelocks', 'groups_table']
 
 SHM_DIR = '/dev/shm'
 #: The weight board's name under the prefix (``<prefix>_mads_board_<rank of node>``).
@@ -187,6 +194,58 @@ def clean_shared_memory(dry_run: bool = False, shm_dir: str = SHM_DIR, proc: str
                 pass
         group.removed = not kept
     return groups
+
+
+def clean_filelocks(dry_run: bool = False, tmp_dir: Optional[str] = None,
+                    shm_dir: str = SHM_DIR, proc: str = '/proc') -> list[str]:
+    """Remove Streaming's stale per-prefix lock files (module doc): the caller's, whose prefix has
+    no segment in ``shm_dir`` and which no live process holds open.
+
+    Args:
+        dry_run (bool): Only list them. Defaults to ``False``.
+        tmp_dir (str, optional): Where Streaming puts them. Defaults to :func:`tempfile.gettempdir`,
+            as Streaming does.
+        shm_dir (str): The shared-memory folder. Defaults to ``/dev/shm``.
+        proc (str): The proc file system. Defaults to ``/proc``.
+
+    Returns:
+        list[str]: The stale lock files' paths (removed unless ``dry_run``).
+    """
+    tmp_dir = tmp_dir or gettempdir()
+    if not os.path.isdir(tmp_dir):
+        return []
+    locks = set(streaming_filelock_names())
+    found = []
+    for name in os.listdir(tmp_dir):
+        parsed = parse_shared_memory_name(name)
+        if parsed is not None and parsed[1] in locks:
+            found.append((parsed[0], name))
+    if not found:
+        return []
+    if not os.path.isdir(os.path.join(proc, str(os.getpid()))):
+        raise CleanShmError(f'mads clean-shm reads who holds a lock file from {proc}, which this '
+                            'system does not have (Linux only).')
+    live = set()
+    if os.path.isdir(shm_dir):
+        for name in os.listdir(shm_dir):
+            parsed = parse_shared_memory_name(name)
+            if parsed is not None:
+                live.add(parsed[0])
+    held = _users(tmp_dir, proc)
+    stale = []
+    for prefix, name in sorted(found):
+        path = os.path.join(tmp_dir, name)
+        if prefix in live or name in held:
+            continue
+        try:
+            if os.stat(path).st_uid != os.geteuid():
+                continue
+            if not dry_run:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
+        stale.append(path)
+    return stale
 
 
 def groups_table(groups: list[SegmentGroup], dry_run: bool, shm_dir: str = SHM_DIR) -> str:

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _Iterator, _ShardState
 from streaming.base.shared.memory import SharedMemory
-from streaming.base.constant import SHM_TO_CLEAN
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
 from streaming.base.shared.prefix import _get_path
 
 from streaming_mads.remote import contained_path
@@ -39,7 +39,7 @@ __all__ = [
     'SUPPORTED', 'SharedMemory', 'SelectingStreamingDataset', 'ShardReadError',
     'StreamingInternalsError',
     'check_shard_files', 'check_streaming', 'download_file', 'parse_shared_memory_name',
-    'shared_memory_name', 'streaming_segment_names',
+    'shared_memory_name', 'streaming_filelock_names', 'streaming_segment_names',
     'streaming_version'
 ]
 
@@ -187,6 +187,11 @@ def parse_shared_memory_name(name: str) -> Optional[tuple[int, str]]:
 def streaming_segment_names() -> tuple[str, ...]:
     """The names (after ``<prefix>_``) of the shared memory Streaming makes per dataset."""
     return tuple(SHM_TO_CLEAN)
+
+
+def streaming_filelock_names() -> tuple[str, ...]:
+    """The names (after ``<prefix>_``) of the files Streaming locks per dataset in the temp dir."""
+    return BARRIER_FILELOCK, CACHE_FILELOCK
 
 
 def download_file(stream: Stream, rel: str, tmp: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from conftest import write_labelled_stream
 
 from streaming_mads.run.cli import main
-from streaming_mads.shm import SHM_DIR, clean_shared_memory, find_groups
+from streaming_mads.shm import SHM_DIR, clean_filelocks, clean_shared_memory, find_groups
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR) or not os.path.isdir('/proc'),
                                 reason='needs /dev/shm and /proc (Linux)')
@@ -97,3 +97,34 @@ def test_clean_shm_removes_a_killed_runs_segments_and_keeps_live_ones(tmp_path, 
         _kill(live)
         held.close()
         held.unlink()
+
+
+def test_clean_shm_removes_streamings_stale_lock_files_only(tmp_path):
+    """Lock files of a prefix with no segment left go; those of a live prefix, or held open, stay.
+
+    Every later StreamingDataset skips each prefix that has a lock file, one stat at a time."""
+    def lock(prefix: int, kind: str = 'barrier') -> str:
+        path = str(tmp_path / f'{prefix:06d}_{kind}_filelock')
+        open(path, 'w').close()
+        return path
+
+    stale = [lock(999980), lock(999980, 'cache'), lock(999981, 'cache')]
+    live_lock = lock(999982)
+    held_lock = lock(999983)
+    other = str(tmp_path / 'not_a_lock_filelock')
+    open(other, 'w').close()
+    segment = shared_memory.SharedMemory(name='999982_locals', create=True, size=64)
+    held = open(held_lock)
+    try:
+        assert clean_filelocks(dry_run=True, tmp_dir=str(tmp_path)) == sorted(stale)
+        assert all(os.path.exists(p) for p in stale)  # Listed only.
+        assert clean_filelocks(tmp_dir=str(tmp_path)) == sorted(stale)
+        assert not any(os.path.exists(p) for p in stale)
+        assert os.path.exists(live_lock) and os.path.exists(held_lock) and os.path.exists(other)
+        held.close()
+        assert clean_filelocks(tmp_dir=str(tmp_path)) == [held_lock]  # Released: stale now.
+        assert os.path.exists(live_lock)
+    finally:
+        held.close()
+        segment.close()
+        segment.unlink()

@@ -10,6 +10,7 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -214,9 +215,13 @@ def _add_clean_shm(p: argparse.ArgumentParser) -> None:
 
 
 def _run_clean_shm(args: argparse.Namespace) -> int:
-    from streaming_mads.shm import clean_shared_memory, groups_table
+    from streaming_mads.shm import clean_filelocks, clean_shared_memory, groups_table
     groups = clean_shared_memory(dry_run=args.dry_run, shm_dir=args.shm_dir)
     print(groups_table(groups, args.dry_run, args.shm_dir))
+    locks = clean_filelocks(dry_run=args.dry_run, shm_dir=args.shm_dir)
+    if locks:
+        print(f'{os.path.dirname(locks[0])}: {len(locks)} Streaming lock file(s) of prefixes with '
+              f'no shared memory left: ' + ('would be removed' if args.dry_run else 'removed'))
     return 0
 
 
