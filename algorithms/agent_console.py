@@ -9,17 +9,19 @@ Composer's state (model, train dataloader, device, precision, logger) into
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 import torch
+from composer.callbacks import CheckpointSaver
 from composer.core import Algorithm, Event, Precision, State
-from composer.loggers import Logger
-from composer.utils import reproducibility
+from composer.loggers import ConsoleLogger, Logger, ProgressBarLogger
+from composer.utils import format_name_with_dist, reproducibility
 from torch.utils.data import DataLoader
 
 from streaming_mads.checks import TokenizerInfo, check_run, model_vocab_size
 from streaming_mads.console.config import console_config
 from streaming_mads.console.console import Console, prefetch_depth
+from streaming_mads.console.history import History, HistorySetting
 from streaming_mads.console.reference import (ReferenceSource, check_reference_ids,
                                               load_reference, reference_tokenizer_info)
 from streaming_mads.distributed import get_rank
@@ -67,6 +69,22 @@ def _match_trainer(state: State, dataloader: Any, dataset: MADSDataset) -> None:
         dataset.rewind_epoch(epoch)
 
 
+def _local_save_folder(state: State) -> Optional[str]:
+    """The folder the Trainer saves checkpoints in, when it is local (``None``: none, or remote)."""
+    for callback in state.callbacks:
+        if isinstance(callback, CheckpointSaver) and callback.remote_uploader is None:
+            return format_name_with_dist(callback.folder, state.run_name)
+    return None
+
+
+def _console_stream(logger: Logger) -> Optional[TextIO]:
+    """Where the trainer prints (its progress bar's or console logger's stream), if it does."""
+    for destination in logger.destinations:
+        if isinstance(destination, (ProgressBarLogger, ConsoleLogger)):
+            return destination.stream
+    return None
+
+
 def _optimizer(state: State) -> Optional[torch.optim.Optimizer]:
     """The trainer's (first) optimizer, ``None`` without one."""
     return state.optimizers[0] if state.optimizers else None
@@ -92,6 +110,11 @@ class AgentConsole(Algorithm):
             Tensor[B]``. Defaults to the causal-LM adapter.
         collate_fn (Callable, optional): Builds a model batch from sample dicts. Defaults to the
             train dataloader's ``collate_fn``.
+        history (HistorySetting): Where the weight history (one JSON record per version) goes:
+            a path (``{run_name}`` is replaced by the run's name), ``None`` (``mads_history.jsonl``
+            in the Trainer's local ``save_folder``; no file without one) or ``False`` (no file).
+            Rank 0 prints one line per update and a summary at the end either way
+            (:mod:`streaming_mads.console.history`). Defaults to ``None``.
         **settings: The console's settings, each a field of
             :class:`~streaming_mads.console.config.ConsoleConfig` (documented there and in
             ``docs/configuration.md``): ``update_interval``, ``probe_size``, ``lr_memory``, ...
@@ -108,8 +131,10 @@ class AgentConsole(Algorithm):
                  reference_tokenizer: Optional[str] = None,
                  loss_fn: Optional[PerSampleLoss] = None,
                  collate_fn: Optional[Callable[[list], Any]] = None,
+                 history: HistorySetting = None,
                  **settings: Any) -> None:
         self.config = console_config(settings, self.section, self.setting_names)
+        self.history = History(history, self.section)
         self.reference = reference
         self.reference_split = reference_split
         self.reference_local = reference_local
@@ -134,7 +159,8 @@ class AgentConsole(Algorithm):
         evals = {ev.label: ev.dataloader.dataloader.dataset for ev in state.evaluators
                  if hasattr(getattr(ev.dataloader, 'dataloader', None), 'dataset')}
         check_run(state.model, dataset, evals, self.reference_tokenizer_info())
-        check_reference_ids(reference, model_vocab_size(state.model))
+        check_reference_ids(reference, model_vocab_size(state.model),
+                            getattr(self.collate_fn, 'decoder', None))
         if self.config.reward == 'adam':
             check_adam(_optimizer(state))
 
@@ -195,6 +221,9 @@ class AgentConsole(Algorithm):
             self.console.attach(dataset, prefetch_depth(dataloader), reference,
                                 int(per_epoch) if per_epoch is not None else None)
             logger.log_hyperparameters({f'mads/{k}': v for k, v in vars(self.config).items()})
+            self.history.start(self.history.path_for(state.run_name, _local_save_folder(state)),
+                               int(state.timestamp.batch), self.console.latest,
+                               self.console.weights_record(), _console_stream(logger))
             if self.console.needs_reference:  # The influence pass runs only with a reference.
                 self._configure_influence(state, reference, logger)
             if int(state.timestamp.batch_in_epoch) == 0:
@@ -202,6 +231,7 @@ class AgentConsole(Algorithm):
             return
         if event == Event.FIT_END:
             self.console.detach()  # Nothing publishes now: a worker needing more fails at once.
+            self.history.finish()
             return
         if event == Event.AFTER_DATALOADER:
             # Composer restores the RNG on mid-epoch resumption only when it spins the dataloader,
@@ -212,8 +242,11 @@ class AgentConsole(Algorithm):
             return
         batches_done = int(state.timestamp.batch.value)
         while (version := self.console.due(batches_done)) is not None:
-            _, metrics = self.console.step(state.model, version, _optimizer(state))
+            update, metrics = self.console.step(state.model, version, _optimizer(state))
             logger.log_metrics(metrics)
+            assert self.console.last_record is not None
+            self.history.add(batches_done, version, self.console.last_record, metrics,
+                             skipped=update is None)
 
     def state_dict(self) -> dict[str, Any]:
         # get_rng_state gathers every rank's RNG: Composer calls state_dict on all ranks.

@@ -31,7 +31,8 @@ class DomainBandit(AgentConsole):
             train dataloader's ``collate_fn``.
         **settings: The schedule and probe fields of
             :class:`~streaming_mads.console.config.ConsoleConfig`, with its defaults:
-            ``update_interval``, ``lead``, ``probe_size``, ``probe_pool``, ``seed``.
+            ``update_interval``, ``lead``, ``probe_size``, ``probe_pool``, ``seed``; and
+            ``history``, the weight-history file, as :class:`AgentConsole`'s.
     """
 
     section = 'domain_bandit'

@@ -1,4 +1,5 @@
-"""Turning MDS samples (token ids, or text tokenised on the fly) into causal-LM batches.
+"""Turning MDS samples (token ids, legacy token bytes, or text tokenised on the fly) into
+causal-LM batches.
 
 The collators of every data loader the package builds (``streaming_mads.run.loader``, shared by
 ``mads train`` and the llm-foundry ``mads`` loader), of the console's probes and of the reference
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
+
+from streaming_mads.mds_formats import SampleDecoder
 
 __all__ = ['TokenCollator', 'TextCollator', 'count_tokens', 'tokenizer_pad_id', 'IGNORE_INDEX']
 
@@ -20,31 +22,41 @@ IGNORE_INDEX = -100
 
 
 class TokenCollator:
-    """Collate ``{'tokens': int array}`` samples into ``input_ids``/``labels``/``attention_mask``.
+    """Collate MDS samples into ``input_ids``/``labels``/``attention_mask``.
 
-    Fixed-length samples (``mads convert``'s concatenate-and-chunk output) stack directly;
-    shorter ones are right-padded with ``pad_id`` and their padding is masked and labelled
-    :data:`IGNORE_INDEX` (-100), so the same collator serves training, probes and the reference set.
+    Each sample may be in any of llm-foundry's three formats (``tokens`` ids, legacy ``tokens``
+    bytes, ``text``), turned into ids by the one :class:`~streaming_mads.mds_formats.SampleDecoder`
+    (docs/bring-your-own-mds.md). Fixed-length samples (``mads convert``'s concatenate-and-chunk
+    output) stack directly; shorter ones are right-padded with ``pad_id`` and their padding is
+    masked and labelled :data:`IGNORE_INDEX` (-100), so the same collator serves training, probes
+    and the reference set.
 
     Args:
         column (str): Sample column holding token ids. Defaults to ``'tokens'``.
-        pad_id (int): Token id used for padding. Defaults to ``0``.
+        pad_id (int, optional): Token id used for padding. Defaults to
+            :func:`tokenizer_pad_id` of ``tokenizer`` (``0`` without one).
         max_seq_len (int, optional): Each sample is first cut to this many tokens (the model's
             context); ``None`` keeps whole samples.
+        text_column (str): Sample column holding text, read when ``column`` is absent. Defaults
+            to ``'text'``.
+        tokenizer (Any, optional): Tokenizer of text samples (a ``transformers`` tokenizer or a
+            :class:`streaming_mads.tokenizer.Tokenizer`); ``None`` refuses text.
+        token_encoding_type (str): Dtype of legacy ``bytes`` ids. Defaults to ``'int64'``.
+        decoder (SampleDecoder, optional): A decoder built by the caller (naming its settings in
+            errors); replaces the four arguments above.
     """
 
-    def __init__(self, column: str = 'tokens', pad_id: int = 0,
-                 max_seq_len: Optional[int] = None) -> None:
-        self.column = column
-        self.pad_id = pad_id
-        self.max_seq_len = max_seq_len
+    def __init__(self, column: str = 'tokens', pad_id: Optional[int] = None,
+                 max_seq_len: Optional[int] = None, *, text_column: str = 'text',
+                 tokenizer: Any = None, token_encoding_type: str = 'int64',
+                 decoder: Optional[SampleDecoder] = None) -> None:
+        self.decoder = decoder if decoder is not None else SampleDecoder(
+            tokenizer, max_seq_len=max_seq_len, tokens_column=column, text_column=text_column,
+            token_encoding_type=token_encoding_type)
+        self.pad_id = tokenizer_pad_id(self.decoder.tokenizer) if pad_id is None else pad_id
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        try:
-            seqs = [np.asarray(s[self.column], np.int64)[:self.max_seq_len] for s in samples]
-        except KeyError as err:
-            raise KeyError(f'Samples have no {self.column!r} column (they have '
-                           f'{sorted(samples[0])}): set the collator\'s `column`.') from err
+        seqs = self.decoder(samples)
         length = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -55,52 +67,29 @@ class TokenCollator:
         return {'input_ids': ids, 'attention_mask': mask, 'labels': labels}
 
 
-class TextCollator:
-    """Tokenise a text column, then collate like :class:`TokenCollator`.
+class TextCollator(TokenCollator):
+    """A :class:`TokenCollator` for text samples: the tokenizer is required.
 
-    Each text is tokenised on its own, cut to ``max_seq_len`` and right-padded with ``pad_id``;
-    padding is masked and labelled -100. Two kinds of tokenizer are accepted:
-
-    * a ``transformers`` tokenizer (what llm-foundry passes): called on the texts with its own
-      special tokens and, given ``max_seq_len``, its own truncation;
-    * a :class:`streaming_mads.tokenizer.Tokenizer` (what ``mads train`` loads): a text becomes
-      its ids then EOS, as ``mads convert --mode tokens`` encodes a document.
+    Each text is tokenised on its own (see :class:`~streaming_mads.mds_formats.SampleDecoder`
+    for how each kind of tokenizer is called), cut to ``max_seq_len`` and right-padded.
 
     Args:
-        tokenizer: The tokenizer (see above).
+        tokenizer: The tokenizer (or ``None`` with ``decoder``).
         max_seq_len (int, optional): Truncation length; ``None`` keeps whole texts.
         column (str): Sample column holding the text. Defaults to ``'text'``.
         pad_id (int, optional): Padding id. Defaults to :func:`tokenizer_pad_id`.
+        decoder (SampleDecoder, optional): A decoder with a tokenizer, built by the caller;
+            replaces ``tokenizer``, ``max_seq_len`` and ``column``.
     """
 
-    def __init__(self, tokenizer: Any, max_seq_len: Optional[int] = None, column: str = 'text',
-                 pad_id: Optional[int] = None) -> None:
-        if tokenizer is None:
+    def __init__(self, tokenizer: Any = None, max_seq_len: Optional[int] = None,
+                 column: str = 'text', pad_id: Optional[int] = None, *,
+                 decoder: Optional[SampleDecoder] = None) -> None:
+        if (decoder.tokenizer if decoder is not None else tokenizer) is None:
             raise ValueError(f'The MDS samples hold text in {column!r}: tokenising it needs a '
                              f'tokenizer.')
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-        self.column = column
-        self.collate = TokenCollator('tokens', tokenizer_pad_id(tokenizer) if pad_id is None
-                                     else pad_id, max_seq_len)
-
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        try:
-            texts = [s[self.column] for s in samples]
-        except KeyError as err:
-            raise KeyError(f'Samples have no {self.column!r} column (they have '
-                           f'{sorted(samples[0])}).') from err
-        return self.collate([{'tokens': ids} for ids in self._encode(texts)])
-
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        from streaming_mads.tokenizer import Tokenizer
-        if isinstance(self.tokenizer, Tokenizer):
-            eos = self.tokenizer.eos_id
-            return [np.append(ids, eos) for ids in self.tokenizer.encode_batch(texts)]
-        kwargs: dict[str, Any] = {}
-        if self.max_seq_len is not None:
-            kwargs = {'truncation': True, 'max_length': self.max_seq_len}
-        return [np.asarray(ids, np.int64) for ids in self.tokenizer(texts, **kwargs)['input_ids']]
+        super().__init__(pad_id=pad_id, max_seq_len=max_seq_len, text_column=column,
+                         tokenizer=tokenizer, decoder=decoder)
 
 
 def tokenizer_pad_id(tokenizer: Any) -> int:

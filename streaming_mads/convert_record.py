@@ -40,8 +40,9 @@ def make_convert_info(*, mode: str, layout: str, seq_len: Optional[int], columns
         seq_len (int, optional): Tokens per sample in tokens mode, else ``None``.
         columns (dict[str, str]): MDS column name -> encoding.
         tokenizer (dict, optional): What ``Tokenizer.save`` returned (``kind``, ``vocab_size``,
-            ``eos_id``; ``path`` and ``files`` relative to the record's directory for a saved
-            tokenizer), or ``None`` in text mode with bytes.
+            ``eos_id``, ``fingerprint``, the tokenizer's identity that labels and the checks
+            before training compare; ``path`` and ``files`` relative to the record's directory
+            for a saved tokenizer), or ``None`` in text mode with bytes.
         streams (list[dict]): ``{'name', 'path', 'domains', 'samples'}`` per stream, ``path``
             relative to the record's directory (``''`` for the ``single`` layout).
         domains (dict[str, dict[str, int]]): Per domain: ``documents``, ``samples``, ``tokens``,

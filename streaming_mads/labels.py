@@ -19,6 +19,15 @@ Two kinds of column exist:
 
 * ``categorical``: small integer ids into a vocabulary of value names (domain, topic cluster).
 * ``score``: a float32 per sample (e.g. a 0-5 quality score); agents bin it.
+
+The manifest also records what the labels were computed with, so a dataset mixing streams
+labelled apart is refused instead of silently merged: the ``tokenizer`` that decoded token ids
+(kind, size, EOS, vocabulary fingerprint; compared by :mod:`streaming_mads.checks`), and per column
+its ``fit``: ``{'model': 'topics', 'id': ...}`` for a column read off a fitted model (the same value
+name means the same thing only within one fit, so :class:`LabelStore` refuses streams whose fits
+differ), or a description such as ``{'source': 'stream'}`` (domain) or ``{'scorer': ...}``.
+Manifests written before these fields still load, with a warning where a check is skipped.
+docs/architecture.md ("Labels") has the long form.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -39,7 +49,8 @@ from streaming_mads.shard_check import SHARD_FILE_KEYS as _SHARD_FILE_KEYS
 __all__ = [
     'LABELS_DIRNAME', 'MANIFEST_NAME', 'LabelError', 'LabelColumn', 'ColumnInfo', 'StreamLabels',
     'LabelStore', 'categorical', 'score', 'write_labels', 'index_fingerprint', 'labels_dir',
-    'shard_hashes', 'CONTENT_HASH', 'atomic_save_npy', 'atomic_save_npz', 'check_index_names'
+    'shard_hashes', 'CONTENT_HASH', 'atomic_save_npy', 'atomic_save_npz', 'check_index_names',
+    'read_manifest', 'describe_tokenizer', 'FITTED_COLUMNS', 'REUSE_OPTIONS'
 ]
 
 LABELS_DIRNAME = 'mads'
@@ -52,6 +63,11 @@ SCORE = 'score'
 # Hash of column files and of shards (when index.json has none): fast (GB/s), in Streaming's deps.
 CONTENT_HASH = 'xxh3_64'
 _CHUNK = 1 << 24
+#: Columns ``mads label`` reads off a model fitted on the data (their value names mean something
+#: only within one fit); manifests from before fits were recorded are warned about for these.
+FITTED_COLUMNS = ('topic', 'similarity')
+#: ``mads label`` option that reuses another labelled dataset's model, per fitted column.
+REUSE_OPTIONS = {'topic': '--topics-from', 'similarity': '--similarity-from'}
 
 
 class LabelError(ValueError):
@@ -70,6 +86,26 @@ def index_fingerprint(split_dir: str) -> str:
         raise LabelError(f'No MDS index at {path}: labels belong beside a stream\'s index.json.')
     with open(path, 'rb') as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_manifest(split_dir: str) -> Optional[dict[str, Any]]:
+    """The label manifest of the stream whose ``index.json`` is in ``split_dir``, or ``None``
+    when it has none (read as it is: :class:`StreamLabels` validates it against the stream).
+
+    Args:
+        split_dir (str): Directory holding the stream's ``index.json``.
+
+    Returns:
+        dict[str, Any], optional: The parsed manifest.
+    """
+    path = os.path.join(labels_dir(split_dir), MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding='utf-8') as f:
+        manifest = json.load(f)
+    if manifest.get('format') != FORMAT:
+        raise LabelError(f'{path} is not a MADS label manifest.')
+    return manifest
 
 
 def _num_samples_in_index(split_dir: str) -> int:
@@ -143,27 +179,33 @@ class LabelColumn:
     Args:
         values (NDArray): Integer ids into ``vocab`` (categorical) or float scores (score).
         vocab (Sequence[str], optional): Value names of a categorical column; ``None`` for a score.
+        fit (dict, optional): What produced the values (recorded in the manifest): with a
+            ``model`` and its ``id`` for values read off a fitted model (streams must then share
+            the fit), else a description (``{'source': 'stream'}``). Defaults to ``None``.
     """
     values: NDArray
     vocab: Optional[tuple[str, ...]] = None
+    fit: Optional[dict[str, Any]] = None
 
 
-def categorical(values: Union[Sequence[str], NDArray], vocab: Optional[Sequence[str]] = None) -> LabelColumn:
-    """A categorical column, from value names (vocabulary sorted) or from ids with their ``vocab``."""
+def categorical(values: Union[Sequence[str], NDArray], vocab: Optional[Sequence[str]] = None,
+                fit: Optional[dict[str, Any]] = None) -> LabelColumn:
+    """A categorical column, from value names (vocabulary sorted) or from ids with their
+    ``vocab``; ``fit`` as :class:`LabelColumn`'s."""
     arr = np.asarray(values)
     if vocab is None:
         if arr.dtype.kind not in 'UOS':
             raise LabelError('categorical(): pass value names, or integer ids together with `vocab`.')
         names, ids = np.unique(arr.astype(str), return_inverse=True)
-        return LabelColumn(ids.astype(np.int64), tuple(str(n) for n in names))
+        return LabelColumn(ids.astype(np.int64), tuple(str(n) for n in names), fit)
     if arr.dtype.kind not in 'iu':
         raise LabelError('categorical(): with `vocab`, `values` must be integer ids into it.')
-    return LabelColumn(arr.astype(np.int64), tuple(str(v) for v in vocab))
+    return LabelColumn(arr.astype(np.int64), tuple(str(v) for v in vocab), fit)
 
 
-def score(values: Union[Sequence[float], NDArray]) -> LabelColumn:
-    """A continuous score column (stored as float32)."""
-    return LabelColumn(np.asarray(values, dtype=np.float32), None)
+def score(values: Union[Sequence[float], NDArray], fit: Optional[dict[str, Any]] = None) -> LabelColumn:
+    """A continuous score column (stored as float32); ``fit`` as :class:`LabelColumn`'s."""
+    return LabelColumn(np.asarray(values, dtype=np.float32), None, fit)
 
 
 def _id_dtype(vocab_size: int) -> np.dtype:
@@ -197,7 +239,8 @@ def atomic_save_npz(path: str, **arrays: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool = True) -> dict[str, Any]:
+def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool = True,
+                 tokenizer: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Write sidecar label columns for the stream whose ``index.json`` is in ``split_dir``.
 
     Columns are written to temporary files and renamed, and the manifest is written last, so a
@@ -209,6 +252,10 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
             :func:`score`). Every column must have one value per sample of the stream.
         merge (bool): Keep columns already labelled (same fingerprint) that are not in
             ``columns``. Defaults to ``True``.
+        tokenizer (dict, optional): The tokenizer that decoded the stream's token ids
+            (:func:`streaming_mads.tokenizer.tokenizer_identity`); ``None`` keeps the one recorded
+            with the kept columns. Kept columns computed with another tokenizer are refused (one of
+            the two decoded the shards wrongly). Defaults to ``None``.
 
     Returns:
         dict[str, Any]: The manifest written.
@@ -235,10 +282,16 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
         same_shards = old.get('shard_hashes', content) == content
         if (old.get('index_fingerprint') == fingerprint and old.get('num_samples') == num_samples
                 and same_shards):
-            for entry in old.get('columns', {}).values():  # Kept, and uploaded beside a remote.
+            kept = {k: v for k, v in old.get('columns', {}).items() if k not in columns}
+            for entry in kept.values():  # Kept, and uploaded beside a remote.
                 contained_path(out_dir, entry.get('file'), f'a label file in {manifest_path}',
                                LabelError)
+            _check_kept_tokenizer(old.get('tokenizer'), tokenizer, kept, split_dir)
             manifest['columns'].update(old.get('columns', {}))
+            if tokenizer is None and old.get('tokenizer'):
+                manifest['tokenizer'] = old['tokenizer']
+    if tokenizer is not None:
+        manifest['tokenizer'] = dict(tokenizer)
     for name, col in columns.items():
         if not name or os.sep in name or name.startswith('.'):
             raise LabelError(f'Invalid label column name {name!r}.')
@@ -247,6 +300,8 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
             raise LabelError(f'Label column {name!r} has shape {values.shape}, but the stream at '
                              f'{split_dir} has {num_samples} samples: give one value per sample.')
         entry: dict[str, Any] = {'file': f'{name}.npy'}
+        if col.fit is not None:
+            entry['fit'] = dict(col.fit)
         if col.vocab is not None:
             vocab = list(col.vocab)
             if len(set(vocab)) != len(vocab):
@@ -277,6 +332,25 @@ def write_labels(split_dir: str, columns: Mapping[str, LabelColumn], merge: bool
     return manifest
 
 
+def describe_tokenizer(record: dict[str, Any]) -> str:
+    """``record`` (kind, size, fingerprint) in a few words, for messages."""
+    return (f'a {record.get("kind")} tokenizer of {record.get("vocab_size")} ids (fingerprint '
+            f'{record.get("fingerprint")})')
+
+
+def _check_kept_tokenizer(old: Optional[dict[str, Any]], new: Optional[dict[str, Any]],
+                          kept: dict[str, Any], split_dir: str) -> None:
+    """Refuse keeping columns decoded with another tokenizer than this run's: a stream's ids
+    were encoded by one tokenizer, so one of the two decoded them wrongly."""
+    if not kept or not old or not new or old.get('fingerprint') == new.get('fingerprint'):
+        return
+    raise LabelError(f'The labels of {split_dir} ({", ".join(sorted(kept))}) were computed with '
+                     f'{describe_tokenizer(old)}, this run decodes with {describe_tokenizer(new)}: '
+                     'one of them is not the tokenizer that encoded the stream. Relabel every '
+                     f'column with the right one (`mads label {os.path.normpath(split_dir)} '
+                     '--tokenizer TOKENIZER`, --columns naming all of them).')
+
+
 @dataclass(frozen=True)
 class ColumnInfo:
     """A label column as seen across all streams of a dataset.
@@ -301,11 +375,15 @@ class StreamLabels:
         split_dir (str): Local directory holding the stream's ``index.json``.
         num_samples (int): Samples in the stream (from its index).
         stream_name (str): How to name the stream in errors.
+        source (str, optional): What to give ``mads label`` to relabel the stream (its remote
+            split directory for a remote stream). Defaults to ``split_dir``.
     """
 
-    def __init__(self, split_dir: str, num_samples: int, stream_name: str) -> None:
+    def __init__(self, split_dir: str, num_samples: int, stream_name: str,
+                 source: Optional[str] = None) -> None:
         self.split_dir = split_dir
         self.stream_name = stream_name
+        self.source = source if source is not None else os.path.normpath(split_dir)
         path = os.path.join(labels_dir(split_dir), MANIFEST_NAME)
         fix = (f'label it with `mads label {os.path.normpath(split_dir)}` (or '
                'streaming_mads.write_labels)')
@@ -356,6 +434,12 @@ class StreamLabels:
     def columns(self) -> dict[str, dict[str, Any]]:
         """Manifest entries by column name."""
         return self.manifest['columns']
+
+    @property
+    def tokenizer(self) -> Optional[dict[str, Any]]:
+        """The tokenizer the labels were computed with (``None``: text, or written before
+        tokenizers were recorded)."""
+        return self.manifest.get('tokenizer')
 
     def array(self, column: str) -> NDArray:
         """The column's values, memory-mapped read-only, validated on first access."""
@@ -495,6 +579,7 @@ class LabelStore:
         if len(kinds) != 1:
             raise LabelError(f'Label column {column!r} is categorical in some streams and a score '
                              'in others: label every stream the same way.')
+        self._check_fits(column)
         kind = kinds.pop()
         counts = np.zeros(len(vocab), np.int64)
         if kind == CATEGORICAL:
@@ -504,6 +589,57 @@ class LabelStore:
         info = ColumnInfo(column, kind, tuple(vocab), counts)
         self._info[column] = info
         return info
+
+    def _check_fits(self, column: str) -> None:
+        """Refuse streams whose ``column`` comes from different fits, or whose domain comes
+        from the same stream name (streams labelled apart, see the module docstring)."""
+        if len(self.streams) < 2:
+            return
+        fits = [s.columns[column].get('fit') for s in self.streams]
+        together = ' '.join(s.source for s in self.streams)
+        if any(f is None for f in fits):
+            if column in FITTED_COLUMNS or any(f and 'model' in f for f in fits):
+                old = [s.stream_name for s, f in zip(self.streams, fits) if f is None]
+                warnings.warn(f'The {column!r} labels of {", ".join(old)} record no fit '
+                              '(written before mads label recorded fits, or by write_labels '
+                              'without fit=): MADS cannot check that every stream\'s values come '
+                              'from one fit (t03 of one topic fit is another topic in another). '
+                              f'Relabel the streams together: `mads label {together}`.')
+            return
+        ids = [(f.get('model'), f.get('id')) for f in fits]
+        models = [i for i, f in zip(ids, fits) if 'model' in f]
+        if len(set(models)) > 1 or 0 < len(models) < len(fits):
+            groups: dict[Any, list[str]] = {}
+            for s, f in zip(self.streams, fits):
+                groups.setdefault(f.get('id', f.get('source')), []).append(s.stream_name)
+            desc = '; '.join(f'{key}: {", ".join(names)}' for key, names in groups.items())
+            first = self.streams[0].source
+            others = ' '.join(s.source for s, i in zip(self.streams, ids) if i != ids[0])
+            reuse = REUSE_OPTIONS.get(column)
+            alternative = (f', or relabel the others reusing the first\'s model: `mads label '
+                           f'{others} --columns {column} {reuse} {first}`' if reuse else '')
+            raise LabelError(f'Label column {column!r} of these streams comes from different fits '
+                             f'({desc}): the same value means different things in each, so they '
+                             f'cannot be merged. Label the streams together: `mads label '
+                             f'{together}` (one fit over all){alternative}.')
+        if column == 'domain':
+            self._check_domain_names(fits, together)
+
+    def _check_domain_names(self, fits: list[dict[str, Any]], together: str) -> None:
+        """Two streams whose domain is their stream name must not share a name: labelled
+        apart, both were probably named after their split folder."""
+        seen: dict[str, str] = {}
+        for s, f in zip(self.streams, fits):
+            if f.get('source') != 'stream':
+                continue
+            for value in s.columns['domain']['values']:
+                if value in seen:
+                    raise LabelError(f'Streams {seen[value]} and {s.stream_name} both got domain '
+                                     f'{value!r} from their stream name, so the domain agent would '
+                                     'see them as one. Label them together, which names each '
+                                     f'stream by its own directory: `mads label {together}` (or '
+                                     'give --domain-from column:NAME).')
+                seen[value] = s.stream_name
 
     def gather(self, column: str, sample_ids: NDArray[np.int64]) -> NDArray:
         """Values of ``column`` for global ``sample_ids`` (merged ids for categorical columns)."""

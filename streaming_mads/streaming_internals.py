@@ -39,6 +39,7 @@ __all__ = [
     'SUPPORTED', 'SharedMemory', 'SelectingStreamingDataset', 'ShardReadError',
     'StreamingInternalsError',
     'check_shard_files', 'check_streaming', 'download_file', 'parse_shared_memory_name',
+    'read_samples',
     'shared_memory_name', 'streaming_filelock_names', 'streaming_segment_names',
     'streaming_version'
 ]
@@ -192,6 +193,21 @@ def streaming_segment_names() -> tuple[str, ...]:
 def streaming_filelock_names() -> tuple[str, ...]:
     """The names (after ``<prefix>_``) of the files Streaming locks per dataset in the temp dir."""
     return BARRIER_FILELOCK, CACHE_FILELOCK
+
+
+def read_samples(dataset: StreamingDataset, indices: list[int]) -> list[dict[str, Any]]:
+    """Samples by index, read in this process without leaving Streaming's cache lock behind.
+
+    Streaming makes its cache lock the first time a process reads a sample and keeps it on the
+    dataset; the lock cannot be pickled, so a dataset read once in the main process (a check of
+    its first samples) could no longer start DataLoader workers under ``spawn``.
+    """
+    had = '_cache_filelock' in vars(dataset)
+    try:
+        return [dataset[i] for i in indices]
+    finally:
+        if not had:
+            vars(dataset).pop('_cache_filelock', None)
 
 
 def download_file(stream: Stream, rel: str, tmp: str) -> str:

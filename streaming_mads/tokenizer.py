@@ -11,13 +11,17 @@ Three kinds, all local (nothing is ever downloaded from a hub):
 
 Whatever the kind, ``mads convert`` saves the tokeniser beside its output (``<out>/tokenizer/``) and
 records it in ``<out>/mads_convert.json``, so that training and labelling decode with exactly the
-tokeniser that encoded the shards. ``tokenizers`` and ``transformers`` tokenisers are saved as a
+tokeniser that encoded the shards. Every record carries the tokeniser's identity,
+:func:`tokenizer_fingerprint` (a short hash of its vocabulary), which ``mads label`` also writes in
+its label manifest and the checks before training compare (docs/architecture.md, "Tokenizers"). ``tokenizers`` and ``transformers`` tokenisers are saved as a
 Hugging Face tokenizer directory, which ``transformers.AutoTokenizer.from_pretrained`` (and so
 llm-foundry's ``tokenizer.name``) loads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Optional, Sequence
@@ -30,7 +34,7 @@ from streaming_mads.remote import contained_path
 __all__ = [
     'TokenizerError', 'Tokenizer', 'ByteTokenizer', 'TokenizersTokenizer', 'TransformersTokenizer',
     'load_tokenizer', 'train_bpe', 'tokenizer_from_record', 'token_dtype', 'TOKENIZER_DIRNAME',
-    'DEFAULT_EOS_TOKEN'
+    'DEFAULT_EOS_TOKEN', 'tokenizer_fingerprint', 'tokenizer_identity'
 ]
 
 TOKENIZER_DIRNAME = 'tokenizer'
@@ -48,6 +52,45 @@ def token_dtype(vocab_size: int) -> str:
     return 'uint16' if vocab_size <= 1 << 16 else 'uint32'
 
 
+def tokenizer_fingerprint(tok: 'Tokenizer') -> str:
+    """The identity of a tokeniser: a short SHA-256 of its vocabulary (every token and its id).
+
+    Why the vocabulary: two tokenisers whose ids mean the same text have the same token -> id map,
+    whatever file format saved them (``tokenizer.json`` or a ``transformers`` directory), while two
+    BPEs of the same size trained on different text do not. The byte tokenizer has a fixed one.
+
+    Args:
+        tok (Tokenizer): A loaded tokeniser.
+
+    Returns:
+        str: 16 hex digits.
+    """
+    if tok.kind == ByteTokenizer.kind:
+        payload = b'bytes:257'
+    else:
+        inner = getattr(tok, 'tok')
+        try:
+            vocab = inner.get_vocab(with_added_tokens=True)
+        except TypeError:  # transformers tokenizers include added tokens already.
+            vocab = inner.get_vocab()
+        payload = json.dumps(sorted(vocab.items())).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def tokenizer_identity(tok: 'Tokenizer') -> dict[str, Any]:
+    """What identifies a tokeniser in a record (``mads_convert.json``, a label manifest): its
+    ``kind``, ``vocab_size``, ``eos_id`` and :func:`tokenizer_fingerprint`.
+
+    Args:
+        tok (Tokenizer): A loaded tokeniser.
+
+    Returns:
+        dict[str, Any]: The four keys.
+    """
+    return {'kind': tok.kind, 'vocab_size': int(tok.vocab_size), 'eos_id': int(tok.eos_id),
+            'fingerprint': tok.fingerprint}
+
+
 class Tokenizer(ABC):
     """What convert and label need of a tokeniser: batch encode, decode, EOS, save.
 
@@ -60,19 +103,49 @@ class Tokenizer(ABC):
     kind: str = ''
     vocab_size: int
     eos_id: int
+    _fingerprint: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        """This tokeniser's :func:`tokenizer_fingerprint` (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self)
+        return self._fingerprint
+
+    def check_ids(self, ids: NDArray) -> None:
+        """Refuse ids outside ``[0, vocab_size)``: they were made by another tokeniser, and
+        decoding would drop or garble them without a word.
+
+        Raises:
+            TokenizerError: Naming the id and the vocabulary size.
+        """
+        ids = np.asarray(ids)
+        if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+            raise TokenizerError(f'token id {bad} is outside the {self.kind} tokenizer\'s '
+                                 f'{self.vocab_size} ids (0-{self.vocab_size - 1}): the ids were '
+                                 'made by another tokenizer')
 
     @abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[NDArray[np.int64]]:
         """Token ids of each text, without special tokens."""
 
-    @abstractmethod
     def decode_batch(self, ids: Sequence[NDArray]) -> list[str]:
-        """Text of each id sequence, special tokens dropped."""
+        """Text of each id sequence, special tokens dropped; ids outside the vocabulary are
+        refused (:meth:`check_ids`), never skipped."""
+        for seq in ids:
+            self.check_ids(seq)
+        return self._decode(ids)
+
+    @abstractmethod
+    def _decode(self, ids: Sequence[NDArray]) -> list[str]:
+        """Text of each id sequence (all ids in the vocabulary), special tokens dropped."""
 
     def decode_segments(self, ids: NDArray) -> list[str]:
         """Split ``ids`` at EOS and decode each piece (the documents a fixed-length chunk spans).
 
-        Empty pieces (EOS at either end) are dropped; a chunk with no text gives ``['']``.
+        Empty pieces (EOS at either end) are dropped; a chunk with no text gives ``['']``. Ids
+        outside the vocabulary are refused (:meth:`check_ids`).
         """
         ids = np.asarray(ids)
         cuts = np.flatnonzero(ids == self.eos_id)
@@ -101,7 +174,7 @@ class ByteTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[NDArray[np.int64]]:
         return [np.frombuffer(t.encode('utf-8'), np.uint8).astype(np.int64) for t in texts]
 
-    def decode_batch(self, ids: Sequence[NDArray]) -> list[str]:
+    def _decode(self, ids: Sequence[NDArray]) -> list[str]:
         out = []
         for seq in ids:
             seq = np.asarray(seq)
@@ -109,7 +182,7 @@ class ByteTokenizer(Tokenizer):
         return out
 
     def save(self, directory: str) -> dict[str, Any]:
-        return {'kind': self.kind, 'vocab_size': self.vocab_size, 'eos_id': self.eos_id}
+        return tokenizer_identity(self)
 
 
 def _find_eos(vocab: dict[str, int], eos_token: Optional[str], where: str) -> int:
@@ -160,7 +233,7 @@ class TokenizersTokenizer(Tokenizer):
         encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, np.int64) for e in encs]
 
-    def decode_batch(self, ids: Sequence[NDArray]) -> list[str]:
+    def _decode(self, ids: Sequence[NDArray]) -> list[str]:
         return self.tok.decode_batch([np.asarray(s).tolist() for s in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> dict[str, Any]:
@@ -172,9 +245,8 @@ class TokenizersTokenizer(Tokenizer):
         with open(os.path.join(directory, 'tokenizer.json'), 'w', encoding='utf-8') as f:
             f.write(self.tok.to_str())
         rel = os.path.basename(os.path.normpath(directory))
-        return {'kind': self.kind, 'path': f'{rel}/tokenizer.json',
-                'files': sorted({'tokenizer.json', *files}),
-                'vocab_size': self.vocab_size, 'eos_id': self.eos_id, 'eos_token': self.eos_token}
+        return {**tokenizer_identity(self), 'path': f'{rel}/tokenizer.json',
+                'files': sorted({'tokenizer.json', *files}), 'eos_token': self.eos_token}
 
 
 def _save_transformers_config(tok: Any, eos_token: str, directory: str) -> list[str]:
@@ -221,15 +293,15 @@ class TransformersTokenizer(Tokenizer):
         ids = self.tok(list(texts), add_special_tokens=False)['input_ids']
         return [np.asarray(i, np.int64) for i in ids]
 
-    def decode_batch(self, ids: Sequence[NDArray]) -> list[str]:
+    def _decode(self, ids: Sequence[NDArray]) -> list[str]:
         return self.tok.batch_decode([np.asarray(s).tolist() for s in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> dict[str, Any]:
         files = [f for f in self.tok.save_pretrained(directory) if os.path.isfile(f)]
         rel = os.path.basename(os.path.normpath(directory))
-        return {'kind': self.kind, 'path': rel,
+        return {**tokenizer_identity(self), 'path': rel,
                 'files': sorted(os.path.relpath(f, directory) for f in files),
-                'vocab_size': self.vocab_size, 'eos_id': self.eos_id, 'eos_token': self.eos_token}
+                'eos_token': self.eos_token}
 
 
 def load_tokenizer(spec: str, eos_token: Optional[str] = None) -> Tokenizer:
@@ -289,7 +361,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
 
 
 def tokenizer_from_record(record: dict[str, Any], base_dir: str) -> Tokenizer:
-    """Load the tokeniser a ``mads_convert.json`` record describes, relative to ``base_dir``."""
+    """Load the tokeniser a ``mads_convert.json`` record describes, relative to ``base_dir``.
+
+    A record with a ``fingerprint`` (every one written since fingerprints exist) must match the
+    tokeniser found: a tokenizer directory replaced by another of the same EOS is refused.
+    """
     kind = record.get('kind')
     if kind == 'bytes':
         return ByteTokenizer()
@@ -305,5 +381,9 @@ def tokenizer_from_record(record: dict[str, Any], base_dir: str) -> Tokenizer:
     if tok.eos_id != record.get('eos_id', tok.eos_id):
         raise TokenizerError(f'Tokenizer at {path} has EOS id {tok.eos_id}, but the dataset was '
                              f'written with {record["eos_id"]}: it is not the same tokenizer.')
+    if tok.fingerprint != record.get('fingerprint', tok.fingerprint):
+        raise TokenizerError(f'Tokenizer at {path} has vocabulary fingerprint {tok.fingerprint}, '
+                             f'but {base_dir}/mads_convert.json records {record["fingerprint"]}: '
+                             'it is not the tokenizer that encoded the dataset; restore that one.')
     return tok
 

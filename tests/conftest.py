@@ -52,7 +52,21 @@ def mds_dir(tmp_path) -> str:
 _SHM = '/dev/shm'
 
 
-def _remove_stale_streaming_lock_files() -> None:
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _nothing_written_into_the_checkout():
+    """A run folder (``mads train`` writes one where it runs) must go under a test's tmp_path."""
+    before = set(os.listdir(_ROOT))
+    yield
+    new = sorted(n for n in set(os.listdir(_ROOT)) - before
+                 if not n.startswith('.') and n != '__pycache__' and not n.endswith('.egg-info'))
+    assert not new, f'tests wrote {new} into the checkout; chdir to tmp_path (monkeypatch.chdir)'
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _remove_stale_streaming_lock_files():
     """Remove the lock files Streaming left in the temp folder for prefixes that are gone.
 
     Streaming never removes them and every StreamingDataset skips each prefix that has one, one
@@ -64,6 +78,7 @@ def _remove_stale_streaming_lock_files() -> None:
         clean_filelocks()
     except CleanShmError:  # No /proc (not Linux): who holds a lock cannot be told; keep them.
         pass
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +95,7 @@ def _release_streaming_shared_memory(tmp_path_factory):
     yield
     if not os.path.isdir(_SHM):
         return
-    mine = str(tmp_path_factory.getbasetemp()).encode()
+    mine = os.path.join(str(tmp_path_factory.getbasetemp()), '').encode()  # Not pytest-12 in -123.
     names = os.listdir(_SHM)
     for name in names:
         if not (name[:6].isdigit() and name.endswith('_locals')):
@@ -97,4 +112,3 @@ def _release_streaming_shared_memory(tmp_path_factory):
                     os.unlink(os.path.join(_SHM, other))
                 except OSError:
                     pass
-    _remove_stale_streaming_lock_files()

@@ -39,16 +39,22 @@ def _series(mem: InMemoryLogger, key: str) -> list[float]:
     return [v for _, v in mem.data.get(key, [])]
 
 
-def test_adam_reward_finds_the_planted_signal(corpus):
+@pytest.mark.parametrize('console', [{'reward': 'adam'}, {'rule': 'evidence'}])
+def test_planted_signal_is_found_by_adam_and_by_the_evidence_rule(corpus, console):
     # The influence of an Adam step (from the trainer's real AdamW state) ranks the same
-    # planted values up and down.
+    # planted values up and down; so does the evidence rule (memories from the accumulated
+    # evidence, θ = 1, gates logged: the informative domain opens, the random topic less).
     data, ref = corpus
     mem = InMemoryLogger()
-    trainer, _, _ = make_trainer(data, ref, loggers=[mem], console={'reward': 'adam'})
+    trainer, _, ds = make_trainer(data, ref, loggers=[mem], console=console)
     trainer.fit()
     assert _series(mem, 'mads/memory/domain/ref')[-1] > 1.5
     assert _series(mem, 'mads/memory/domain/noise')[-1] < 0.5
     assert _series(mem, 'mads/skipped_updates')[-1] == 0
+    if console.get('rule') == 'evidence':
+        assert _series(mem, 'mads/gate/domain')[-1] > 0.5
+        assert _series(mem, 'mads/gate/topic')[-1] < _series(mem, 'mads/gate/domain')[-1]
+        assert all(_series(mem, f'mads/theta/{a.name}')[-1] == 1.0 for a in ds.agents)
 
 
 def test_adam_reward_refuses_another_optimizer_before_the_first_batch(corpus):
@@ -120,14 +126,17 @@ def _run(corpus, tmp, duration: str, **kwargs):
     return rec, algo, trainer
 
 
-def test_checkpoint_resume_mid_window_continues_exactly(corpus, tmp_path):
-    full_rec, full_algo, _ = _run(corpus, tmp_path, '30ba')
+@pytest.mark.parametrize('rule', ['paper', 'evidence'])
+def test_checkpoint_resume_mid_window_continues_exactly(corpus, tmp_path, rule):
+    console = {'rule': rule}
+    full_rec, full_algo, _ = _run(corpus, tmp_path, '30ba', console=console)
     ckpt = os.path.join(tmp_path, 'ckpt')
-    first_rec, _, first = _run(corpus, tmp_path, '30ba', save_folder=ckpt, save_interval='15ba')
+    first_rec, _, first = _run(corpus, tmp_path, '30ba', save_folder=ckpt, save_interval='15ba',
+                               console=console)
     first.close()
     path = os.path.join(ckpt, 'ep0-ba15-rank0.pt')
     assert os.path.isfile(path) and 15 % 6 != 0  # Mid-window.
-    resumed_rec, resumed_algo, _ = _run(corpus, tmp_path, '30ba', load_path=path)
+    resumed_rec, resumed_algo, _ = _run(corpus, tmp_path, '30ba', load_path=path, console=console)
     assert sorted(resumed_rec.batches) == list(range(15, 30))
     for b in range(15, 30):
         assert torch.equal(resumed_rec.batches[b], full_rec.batches[b]), b
@@ -137,6 +146,8 @@ def test_checkpoint_resume_mid_window_continues_exactly(corpus, tmp_path):
     assert resumed_state['theta'] == full_state['theta']
     assert resumed_state['agents'] == full_state['agents']
     assert resumed_state['versions'] == full_state['versions']
+    assert resumed_state['evidence'] == full_state['evidence']
+    assert (full_state['evidence'] is None) == (rule == 'paper')
 
 
 def test_console_needs_a_mads_dataset(corpus):

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from streaming_mads.run.demo import costs_to_reach
@@ -34,17 +35,93 @@ def test_costs_in_tokens_wall_time_and_flops():
     assert never['batches'] is None and never['tokens'] is None and never['wall'] is None
 
 
-def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
+def _benchmark():
     sys.path.insert(0, BENCHMARKS)
     try:
         import data_efficiency
     finally:
         sys.path.remove(BENCHMARKS)
-    arms = ['uniform', 'stratified', 'odm', 'mads']
-    summary = data_efficiency.main(['--quick', '--arms', ','.join(arms), '--out', str(tmp_path)])
+    return data_efficiency
+
+
+def test_paired_gap_and_its_standard_error():
+    bench = _benchmark()
+    a, b = [6.1, 6.3, 6.0, 6.4], [6.2, 6.5, 6.05, 6.6]
+    gap = bench.paired(a, b)
+    d = np.subtract(a, b)
+    assert gap['mean'] == pytest.approx(d.mean()) and gap['seeds'] == 4
+    assert gap['se'] == pytest.approx(d.std(ddof=1) / 2)
+    # The seeds' shared effect cancels: far below the unpaired standard error.
+    assert gap['se'] < np.sqrt(np.var(a, ddof=1) / 4 + np.var(b, ddof=1) / 4) / 3
+    assert bench.paired([6.0], [6.5])['se'] is None
+
+
+def test_busy_machine_warns_over_the_worker_count():
+    bench = _benchmark()
+    assert 'load average' in bench.busy_machine(workers=-1)
+    assert bench.busy_machine(workers=10_000) is None
+
+
+def test_full_regime_reads_under_a_quarter_of_each_corpus():
+    """The full run's arithmetic: at the 100k samples the corpora are sized for, no default arm's
+    candidates cover a quarter of the corpus."""
+    bench = _benchmark()
+    batches = int(bench.BUDGET[:-2])
+    fraction = bench.fraction_read(bench.DEFAULT_ARMS, bench.REGIME, batches, 100_000)
+    assert fraction['uniform'] < fraction['mads'] < 0.25
+    assert max(fraction.values()) < 0.25
+    assert bench.SEEDS >= 5
+
+
+def test_benchmark_quick_mode_runs_end_to_end(tmp_path, capsys):
+    bench = _benchmark()
+    arms = ['uniform', 'odm', 'mads']
+    out = str(tmp_path / 'run')
+    summary = bench.main(['--quick', '--arms', ','.join(arms), '--out', out])
     assert list(summary['arms']) == arms and summary['label'] == 'evaluation'
-    with open(os.path.join(tmp_path, 'results.json')) as f:
+    with open(os.path.join(out, 'results.json')) as f:
         runs = json.load(f)['runs']
     assert runs['mads'][0]['batches'] == runs['uniform'][0]['batches'] == 12
-    assert os.path.getsize(os.path.join(tmp_path, 'results.png')) > 10_000
-    assert 'wall time' in open(os.path.join(tmp_path, 'results.md')).read()
+    assert os.path.getsize(os.path.join(out, 'results.png')) > 10_000
+    table = open(os.path.join(out, 'results.md')).read()
+    assert 'wall time' in table and 'unigram entropy' in table and 'console share' in table
+    # Paired gaps, the fraction read, the unigram floor and the evaluation set's own error.
+    mads = summary['arms']['mads']
+    assert mads['vs_uniform']['mean'] == pytest.approx(
+        mads['finals'][0] - summary['arms']['uniform']['finals'][0])
+    regime = summary['regime']
+    assert 0 < regime['fraction_read']['uniform'] < regime['fraction_read']['mads'] < 1
+    assert regime['unigram']['entropy'] > 0 and regime['unigram']['evaluation_cross_entropy'] > 0
+    se = regime['evaluation_se']
+    assert se['samples'] > 10 and 0 < se['se'] < 1
+    assert abs(se['mean'] - summary['arms']['uniform']['final_mean']) < 0.05
+    assert 'one seed is not a result' in capsys.readouterr().out
+    # The corpus is cached: a second use builds nothing.
+    cache = os.path.join(out, 'cache')
+    (entry,) = os.listdir(cache)
+    stamp = os.path.getmtime(os.path.join(cache, entry, 'paths.json'))
+    paths = bench.cached_corpus(cache, 'demo', bench.QUICK_CORPUS, 64, 512)
+    assert os.path.getmtime(os.path.join(cache, entry, 'paths.json')) == stamp
+    # mads demo's rule uses the same count: candidates = pool ratio x batches x batch size.
+    from streaming_mads.run.demo import corpus_read_ratio
+    from streaming_mads.run.train import apply_overrides, load_config
+    cfg = apply_overrides(load_config('quickstart-cpu.yaml'), ['max_duration=12ba'])
+    samples, read = corpus_read_ratio(paths['data'], cfg)
+    assert samples == regime['corpus_samples']
+    assert read / samples == pytest.approx(regime['fraction_read']['mads'])
+    # A configuration reading more candidates than the corpus holds is refused before training.
+    with pytest.raises(SystemExit):
+        bench.main(['--data', paths['data'], '--reference', paths['reference'], '--evaluation',
+                    paths['evaluation'], '--arms', 'uniform,mads', '--budget', '100000ba',
+                    '--out', str(tmp_path / 'refused')])
+    assert 'repeat samples' in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(tmp_path, 'refused', 'runs-partial.json'))
+
+
+def test_corpus_cache_key_follows_the_settings():
+    bench = _benchmark()
+    key = bench.corpus_key('demo', {'code_bytes': 1}, 128, 1024)
+    assert key == bench.corpus_key('demo', {'code_bytes': 1}, 128, 1024)
+    assert key != bench.corpus_key('demo', {'code_bytes': 2}, 128, 1024)
+    assert key != bench.corpus_key('packages', {'code_bytes': 1}, 128, 1024)
+    assert key.startswith('demo-')

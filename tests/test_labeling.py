@@ -263,7 +263,7 @@ def test_remote_dataset_and_reused_topic_model(corpus, tmp_path):
     # New data assigned to the same clusters.
     new = tmp_path / 'new'
     convert([str(corpus / 'cooking')], str(new), seq_len=256, progress=False)
-    label_dataset(str(new), columns=['topic'], topic_model=str(remote / 'cooking' / 'mads' / 'topics'),
+    label_dataset(str(new), columns=['topic'], topics_from=str(remote / 'cooking' / 'mads' / 'topics'),
                   progress=False)
     old_meta = json.load(open(remote / 'cooking' / 'mads' / 'topics' / 'topics.json'))
     new_meta = json.load(open(new / 'cooking' / 'mads' / 'topics' / 'topics.json'))
@@ -411,7 +411,9 @@ def test_inspect_shows_similarity_in_its_percentile_bins(tmp_path):
     write_labels(str(stream), {'similarity': score(sim), 'quality': score(np.arange(40) / 8)})
     text = inspect_dataset(str(stream))
     assert 'quality (score)' in text and '[4, 5]' in text  # Quality keeps its 0-5 bins.
+    assert text.count('similarity (score') == 1  # One header, then the column's fit line.
     table = text.split('similarity (score, percentile)\n', 1)[1].split('\n\n', 1)[0]
+    assert table.startswith('fit')
     labels = SIMILARITY_BINS.labels()
     assert labels[0] == '[0%, 50%)' and labels[-1] == '[95%, 100%]'
     counts = [int(next(line for line in table.splitlines() if line.startswith(label))

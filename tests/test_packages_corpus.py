@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pytest
 from files import file_tree
 
@@ -92,3 +93,43 @@ def test_prepared_packages_corpus_opens_as_a_mads_dataset(tmp_path):
     with pytest.raises(ValueError, match='corpus'):
         prepare_data(str(tmp_path / 'x'), code_bytes=1, seq_len=64, vocab_size=512,
                      progress=False, corpus='other')
+
+
+@pytest.fixture(scope='module')
+def collab(tmp_path_factory):
+    from streaming_mads.corpora import build_collab_text
+    return build_collab_text(str(tmp_path_factory.mktemp('collab') / 'text'), **SMALL)
+
+
+def _packages_of(directory: str, first: int) -> list[str]:
+    """The package of each document (its name's field ``first``)."""
+    return [name.split('__')[first] for name in os.listdir(directory)]
+
+
+def test_collab_target_is_one_domain_of_the_theme(corpus, collab):
+    """The collaboration corpus' target crosses a domain with the theme, and the garbled domain
+    carries damaged copies of the theme: neither the domain nor the theme alone finds it."""
+    _, packages = corpus
+    for directory in (collab.reference, collab.evaluation):
+        assert {name.split('__')[0] for name in os.listdir(directory)} == {'docstrings'}
+    reference, evaluation = hashes(collab.reference), hashes(collab.evaluation)
+    assert reference and evaluation and not reference & evaluation
+    for domain in DOMAINS:
+        assert not (hashes(collab.train[domain]) | hashes(collab.heldout[domain])) & \
+            (reference | evaluation), domain
+    theme = set(_packages_of(collab.reference, 1)) | set(_packages_of(collab.evaluation, 1))
+    # The target's domain is mostly other packages ...
+    trained = _packages_of(collab.train['docstrings'], 0)
+    assert sum(p in theme for p in trained) < len(trained) / 2
+    # ... and the garbled domain carries the theme far more than the packages corpus' does.
+    share = [np.mean([p in theme for p in _packages_of(text.train['garbled'], 0)])
+             for text in (collab, packages)]
+    assert share[0] >= 0.3 and share[0] > 2 * share[1]
+
+
+def test_collab_settings_are_checked():
+    from streaming_mads.corpora import build_collab_text
+    with pytest.raises(ValueError, match='target_domains'):
+        build_collab_text('unused', target_domains=('license',))
+    with pytest.raises(ValueError, match='garbled_theme'):
+        build_collab_text('unused', garbled_theme=2)

@@ -22,3 +22,17 @@ def test_missing_internal_names_the_supported_releases(mds_dir):
     with pytest.raises(StreamingInternalsError, match='sample_offset_per_shard') as info:
         check_streaming(ds)
     assert SUPPORTED in str(info.value) and streaming_version() in str(info.value)
+
+
+def test_reading_samples_in_the_main_process_keeps_the_dataset_picklable(mds_dir):
+    """The tokenizer check reads a dataset's first samples before training; spawned DataLoader
+    workers must still receive the dataset (Streaming's cache lock cannot be pickled)."""
+    import pickle
+
+    from streaming_mads import MADSDataset
+    from streaming_mads.streaming_internals import read_samples
+    ds = MADSDataset(local=mds_dir, batch_size=4, pool_ratio=2, shuffle=False)
+    first = read_samples(ds, [0, 1, 2])
+    assert [int(s['id']) for s in first] == [0, 1, 2]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert int(copy[5]['id']) == 5

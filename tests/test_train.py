@@ -180,3 +180,27 @@ def test_a_reference_without_its_split_is_a_config_error(corpus, capsys):
     assert main(['train', QUICKSTART, *_overrides(
         corpus, ['algorithms.mads_console.reference_split=val'])]) == 2
     assert f"{ref} has no MDS index for split 'val'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['quickstart-cpu.yaml', 'random-baseline-cpu.yaml',
+                                  'gpu-125m.yaml', 'gpu-1b.yaml'])
+def test_every_shipped_yaml_evaluates_on_a_set_the_console_never_sees(name):
+    """Each YAML evaluates on the reference and on a held-out set other than it, so a run can
+    tell fitting the reference from learning what it stands for."""
+    from streaming_mads.run.train import shipped_configs
+    assert name in shipped_configs()
+    cfg = load_config(name)
+    reference = (cfg.get('algorithms') or {}).get('mads_console', {}).get('reference') or \
+        load_config('quickstart-cpu.yaml')['algorithms']['mads_console']['reference']
+    paths = [e['dataset'].get('remote') or e['dataset']['local'] for e in cfg['eval_loaders']]
+    assert reference in paths, (name, paths)
+    assert set(paths) - {reference}, (name, paths)
+
+
+def test_quickstart_paths_follow_its_variables_and_the_console_reference():
+    cfg = load_config(QUICKSTART, ['variables.data=/d', 'variables.evaluation=/e',
+                                   'variables.reference=/r'])
+    assert cfg['train_loader']['dataset']['local'] == '/d' and 'variables' not in cfg
+    assert [e['dataset']['local'] for e in cfg['eval_loaders']] == ['/e', '/r']
+    cfg = load_config(QUICKSTART, ['algorithms.mads_console.reference=/r2'])
+    assert cfg['eval_loaders'][1]['dataset']['local'] == '/r2'  # Evaluated on what steers.

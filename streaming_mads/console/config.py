@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from streaming_mads.console.rewards import REWARDS
+from streaming_mads.console.rewards import REWARDS, RULES, TRANSFORMS
 from streaming_mads.settings import check_number
 
 __all__ = ['ConsoleConfig', 'console_config']
@@ -42,17 +42,31 @@ class ConsoleConfig:
             (the influence of an Adam step: the reference gradient preconditioned by the
             trainer's Adam second moments; :mod:`streaming_mads.influence.preconditioning`). Defaults to
             ``'inner'``.
+        rule (str): ``'evidence'``: each agent's memory is its prior moved by the effects fitted
+            on every probe so far (its own fit, so it moves as it would alone), gated by their
+            reliability (an agent whose labels carry nothing stays at its prior), and θ is 1 for
+            every agent, so the agents add at full strength; ``'paper'``: the paper's
+            multiplicative memory steps per update and θ shares moved by predictiveness. See
+            docs/architecture.md "The update rule". Defaults to ``'paper'``.
+        reward_transform (str): ``'none'`` (standardise), ``'rank'`` (standardised ranks) or
+            ``'winsorize'`` (clip at 3 robust deviations, then standardise): what one
+            heavy-tailed influence can do to an update. Defaults to ``'none'``.
+        memory_strength (float): ``evidence`` rule: log-weight of the memory per unit of gated
+            effect (in standardised reward units). Defaults to ``8``.
+        evidence_decay (float): ``evidence`` rule: weight of past probes, per update, in the
+            accumulated evidence (``1`` never forgets; ``0.95`` remembers about 20 updates).
+            Defaults to ``0.95``.
         value_prior (float): Pseudo-probes of reward 0 behind every label value's estimate, so a
             value seen in few probes moves its memory little. Defaults to ``4``.
         repeat_penalty (float): ``ρ``: a value's published weight is its memory divided by
             ``1 + ρ · e``, ``e`` the times each of its samples was kept on average so far (the
             paper's ``1 + 0.1 · count``, per label value). ``0`` turns it off. Defaults to
             ``0.1``.
-        lr_memory (float): ``η`` of the agents' memories. Defaults to ``0.5``.
-        lr_theta (float): ``η_θ`` of the collaborative weights. Defaults to ``1.0``.
+        lr_memory (float): ``η`` of the agents' memories (``paper`` rule). Defaults to ``0.5``.
+        lr_theta (float): ``η_θ`` of the collaborative weights (``paper`` rule). Defaults to ``1.0``.
         memory_floor (float): Smallest memory weight relative to the mean. Defaults to ``0.05``.
         memory_cap (float): Largest memory weight relative to the mean. Defaults to ``20``.
-        theta_floor (float): Smallest share of θ per agent. Defaults to ``0.05``.
+        theta_floor (float): Smallest share of θ per agent (``paper`` rule). Defaults to ``0.05``.
         seed (int): Seed of probe draws (with the version number). Defaults to ``0``.
         probe_micro_batch (int, optional): Most samples per forward/backward of the influence
             pass (reference and probes), so it needs no more activation memory than a training
@@ -67,6 +81,10 @@ class ConsoleConfig:
     probe_pool: int = 4096
     reference_size: int = 32
     reward: str = 'inner'
+    rule: str = 'paper'
+    reward_transform: str = 'none'
+    memory_strength: float = 8.0
+    evidence_decay: float = 0.95
     value_prior: float = 4.0
     repeat_penalty: float = 0.1
     lr_memory: float = 0.5
@@ -100,6 +118,13 @@ class ConsoleConfig:
         number('reference_size', integer=True, low=1)
         if self.reward not in REWARDS:
             raise ValueError(f'{section} reward={self.reward!r}: use one of {list(REWARDS)}.')
+        for name, allowed in (('rule', RULES), ('reward_transform', TRANSFORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f'{section} {name}={getattr(self, name)!r}: use one of '
+                                 f'{list(allowed)}.')
+        number('memory_strength', low=0)
+        number('evidence_decay', low=0, high=1, low_open=True,
+               hint='It is the weight of past probes per update (1 never forgets).')
         number('value_prior', low=0, low_open=True)
         number('repeat_penalty', low=0, hint='0 turns it off.')
         number('lr_memory', low=0)

@@ -20,8 +20,10 @@ import torch
 from numpy.typing import NDArray
 
 from streaming_mads.console.config import ConsoleConfig
-from streaming_mads.console.metrics import metric_token, metric_tokens
-from streaming_mads.console.rewards import Update, reward_signal, stratified_probe, update_weights
+from streaming_mads.console.history import weights_record
+from streaming_mads.console.metrics import metric_token, weight_metrics
+from streaming_mads.console.rewards import (Evidence, Update, apply_rule, inclusion_probabilities,
+                                            reward_signal, stratified_probe)
 from streaming_mads.distributed import all_gather_object, broadcast_object, rank_world
 from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
 from streaming_mads.influence.preconditioning import adam_preconditioned
@@ -77,6 +79,9 @@ class Console:
         self._probe_candidates = 0
         self._window: NDArray[np.int64] = np.empty(0, np.int64)
         self.kept: list[NDArray[np.float64]] = []
+        #: The :meth:`weights_record` of the last :meth:`metrics` (the weight history's entry).
+        self.last_record: Optional[dict[str, Any]] = None
+        self.evidence: Optional[Evidence] = None
         # Keyword arguments of the influence calls (micro-batch, autocast dtype, checkpointing);
         # AgentConsole completes them from the trainer's settings at FIT_START.
         self.influence_options: dict[str, Any] = {
@@ -115,7 +120,10 @@ class Console:
         self.kept = [np.zeros(agent.num_values) for agent in dataset.agents]
         dataset.configure_schedule(cfg.update_interval, lead, batches_per_epoch)
         self._check_schedule()
-        self.theta = dataset.initial_theta()
+        self.theta = np.ones(len(dataset.agents)) if cfg.rule == 'evidence' else \
+            dataset.initial_theta()
+        self.evidence = Evidence([a.num_values for a in dataset.agents]) \
+            if cfg.rule == 'evidence' else None
         self.latest = -1
         if self._pending is not None:
             self._restore(self._pending)
@@ -403,17 +411,14 @@ class Console:
         agents = self.dataset.agents
         result = None
         if rank_world()[0] == 0:
-            update = update_weights([a.score_table() for a in agents], self.theta,
-                                    self.dataset.label_ids(probe_ids), rewards,
-                                    lr_theta=cfg.lr_theta, theta_floor=cfg.theta_floor,
-                                    value_prior=cfg.value_prior)
-            if update is not None:
-                for agent, effects in zip(agents, update.value_rewards):
-                    agent.update(effects, cfg.lr_memory, cfg.memory_floor, cfg.memory_cap)
+            update = apply_rule(agents, self.theta, self.dataset.label_ids(probe_ids), rewards, cfg,
+                                selection_tables=self.selection_tables(version),
+                                probe_weights=self.probe_weights(probe_ids),
+                                evidence=self.evidence)
             if cfg.repeat_penalty > 0:
                 self.count_kept(version)
-            result = (update, [a.memory for a in agents], self.kept)
-        update, memories, self.kept = broadcast_object(result)
+            result = (update, [a.memory for a in agents], self.kept, self.evidence)
+        update, memories, self.kept, self.evidence = broadcast_object(result)
         if update is None:
             why = 'no probe candidates were logged' if not len(probe_ids) else \
                 'non-finite influence (NaN/inf loss or gradients)'
@@ -423,6 +428,28 @@ class Console:
             agent.memory = memory
         self.theta = update.theta
         return update
+
+    def selection_tables(self, version: int) -> list[NDArray[np.float64]]:
+        """Each agent's score table as the selection of ``version``'s probe window used it: the
+        published (repeat-penalised) memories of ``version - 1``, without θ (predictiveness
+        standardises each agent's scores). θ is credited on what selected, not on the memories
+        before the penalty."""
+        assert self.dataset is not None
+        weights = self.dataset.weights(version - 1) if version >= 1 else None
+        memories = weights.memories if weights is not None else self.selection_memories()
+        return [a.score_table(m) for a, m in zip(self.dataset.agents, memories)]
+
+    def probe_weights(self, probe_ids: NDArray[np.int64]) -> NDArray[np.float64]:
+        """Inverse inclusion probability of each probe among the window's candidates (the
+        stratified draw over-represents rare values; :func:`inclusion_probabilities`)."""
+        assert self.dataset is not None
+        if not len(probe_ids) or not len(self._window):
+            return np.ones(len(probe_ids))
+        agents = self.dataset.agents
+        pi = inclusion_probabilities(self.dataset.label_ids(self._window),
+                                     [a.num_values for a in agents], self.config.probe_size)
+        lookup = dict(zip(self._window.tolist(), pi.tolist()))
+        return 1.0 / np.maximum([lookup[int(i)] for i in probe_ids], 1e-12)
 
     def _trim(self) -> None:
         """Forget restored probe-log entries the next update no longer needs."""
@@ -447,22 +474,25 @@ class Console:
         if len(finite):
             out.update({'mads/reward/mean': float(finite.mean()),
                         'mads/reward/std': float(finite.std())})
+        self.last_record = self.weights_record()
+        out.update(weight_metrics(self.last_record))
+        for i, agent in enumerate(self.dataset.agents):
+            name = metric_token(agent.name)
+            if update is not None:
+                out[f'mads/predictiveness/{name}'] = float(update.predictiveness[i])
+                if update.gates is not None:
+                    out[f'mads/gate/{name}'] = float(update.gates[i])
+        return out
+
+    def weights_record(self) -> dict[str, Any]:
+        """θ, the memories and the shares of what the loader kept since the previous call
+        (:func:`~streaming_mads.console.history.weights_record`)."""
+        assert self.dataset is not None
         counts = self.dataset.board.kept_counts()
         delta = counts if self._last_counts is None else \
             [c - p for c, p in zip(counts, self._last_counts)]
         self._last_counts = counts
-        for i, agent in enumerate(self.dataset.agents):
-            name = metric_token(agent.name)
-            out[f'mads/theta/{name}'] = float(self.theta[i])
-            if update is not None:
-                out[f'mads/predictiveness/{name}'] = float(update.predictiveness[i])
-            mean = agent.memory.mean()
-            total = delta[i].sum()
-            for k, value in enumerate(metric_tokens(agent.value_names)):
-                out[f'mads/memory/{name}/{value}'] = float(agent.memory[k] / mean)
-                if total > 0:
-                    out[f'mads/selected_share/{name}/{value}'] = float(delta[i][k] / total)
-        return out
+        return weights_record(self.dataset.agents, self.theta, delta)
 
     # -- checkpointing ---------------------------------------------------------------------
 
@@ -511,6 +541,7 @@ class Console:
             'latest': self.latest,
             'skipped': self.skipped,
             'kept': [k.tolist() for k in self.kept],
+            'evidence': None if self.evidence is None else self.evidence.state_dict(),
             'log_missing': self.log_missing,
             'probe_log': log,
             'versions': self._versions_to_save(),
@@ -544,6 +575,8 @@ class Console:
         if 'kept' in state:
             self.kept = [np.asarray(k, np.float64) for k in state['kept']]
         self.log_missing = int(state.get('log_missing', 0))
+        if state.get('evidence') is not None:
+            self.evidence = Evidence.from_state(state['evidence'])
         rank, world = rank_world()
         log = state.get('probe_log') or []
         if len(log) == world:

@@ -8,9 +8,9 @@ name, so every level is reduced to a safe token here. docs/configuration.md list
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ['metric_token', 'metric_tokens']
+__all__ = ['metric_token', 'metric_tokens', 'weight_metrics']
 
 _BIN_RE = re.compile(r'^(?:<(?P<lt>[^,]+)|>=(?P<ge>[^,]+)|\[(?P<lo>[^,]+),(?P<hi>[^,]+)\))$')
 _UNSAFE_RE = re.compile(r'[^A-Za-z0-9_.-]')
@@ -49,3 +49,22 @@ def metric_tokens(names: Sequence[str]) -> list[str]:
     for t in tokens:
         seen[t] = seen.get(t, 0) + 1
     return [f'{t}_{k}' if seen[t] > 1 else t for k, t in enumerate(tokens)]
+
+
+def weight_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A :func:`~streaming_mads.console.history.weights_record` as flat metrics.
+
+    ``mads/theta/<agent>``, ``mads/memory/<agent>/<value>`` and, where samples were counted,
+    ``mads/selected_share/<agent>/<value>``: the history file and the loggers hold the same
+    numbers, under names every logger accepts.
+    """
+    out: dict[str, float] = {}
+    for agent, theta in record['theta'].items():
+        name = metric_token(agent)
+        out[f'mads/theta/{name}'] = theta
+        for kind, key in (('memory', 'memory'), ('kept_share', 'selected_share')):
+            values = record[kind].get(agent)
+            if values:
+                for token, value in zip(metric_tokens(list(values)), values.values()):
+                    out[f'mads/{key}/{name}/{token}'] = value
+    return out

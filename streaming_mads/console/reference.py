@@ -3,7 +3,8 @@
 Each update draws a fresh subset of the reference, so the whole set must be random access and
 tokenised like the training data (the train collate builds its batches). A text reference is
 therefore tokenised here with the tokenizer ``mads convert`` recorded beside the training data,
-and its tokenizer is known before loading for the checks of :mod:`streaming_mads.checks`.
+and its tokenizer is known before loading for the checks of :mod:`streaming_mads.checks`; for
+text training samples it stays text, which the train collate tokenises like them.
 A local directory holding an MDS index anywhere (its top, a split folder, streams below) is
 read as MDS, never as text. The temporary folder a reference needs (a text reference's MDS copy,
 a remote one's default cache) lives as long as the reference: it is removed when the reference
@@ -22,7 +23,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from streaming_mads.checks import (TokenizerInfo, check_token_ids, convert_info,
-                                   spec_tokenizer_info, stream_convert_info, tokenizer_info)
+                                   spec_tokenizer_info, stream_tokenizer_infos)
+from streaming_mads.mds_formats import SampleDecoder
 from streaming_mads.remote import index_dirs, is_url, split_not_found
 from streaming_mads.streaming_internals import check_shard_files
 
@@ -78,13 +80,17 @@ def training_tokenizer(dataset: Any) -> str:
                             'beside the training streams, locally or next to their remote index).')
 
 
-def text_to_mds(path: str, tokenizer: str, seq_len: int, root: str) -> str:
-    """Tokenise a jsonl/text reference (file or directory) like the training data, into MDS in
-    the folder ``root``."""
+def text_to_mds(path: str, tokenizer: Optional[str], seq_len: Optional[int], root: str) -> str:
+    """A jsonl/text reference (file or directory) in the training samples' form, as MDS in the
+    folder ``root``: tokenised into samples of ``seq_len`` ids, or (``seq_len=None``, for text
+    training samples) one text sample per document, which the train collate tokenises like them."""
     from streaming_mads.convert.convert import convert
     out = os.path.join(root, 'reference')
-    convert([f'reference={path}'], out, layout='single', seq_len=seq_len, tokenizer=tokenizer,
-            progress=False)
+    if seq_len is None:
+        convert([f'reference={path}'], out, mode='text', layout='single', progress=False)
+    else:
+        convert([f'reference={path}'], out, layout='single', seq_len=seq_len,
+                tokenizer=tokenizer, progress=False)
     return out
 
 
@@ -122,9 +128,12 @@ def load_reference(source: ReferenceSource, split: Optional[str] = None,
     temporary = tempfile.mkdtemp(prefix='mads_ref_') if text or (remote and not local) else None
     try:
         if text:
-            seq_len = len(dataset[0]['tokens'])
-            source = text_to_mds(source, tokenizer or training_tokenizer(dataset), seq_len,
-                                 temporary)
+            # Token ids (legacy bytes come decoded), else text (docs/bring-your-own-mds.md).
+            decoder = getattr(dataset, 'sample_decoder', None)
+            ids = dataset[0].get(decoder.tokens_column if decoder is not None else 'tokens')
+            source = text_to_mds(source, tokenizer or training_tokenizer(dataset), len(ids),
+                                 temporary) if ids is not None else \
+                text_to_mds(source, None, None, temporary)
             split = None
         reference = StreamingDataset(remote=source if remote else None,
                                      local=(local or temporary) if remote else source,
@@ -142,16 +151,17 @@ def load_reference(source: ReferenceSource, split: Optional[str] = None,
 def reference_tokenizer_info(source: ReferenceSource, split: Optional[str] = None,
                              local: Optional[str] = None,
                              tokenizer: Optional[str] = None) -> Optional[TokenizerInfo]:
-    """The reference's tokenizer, when known before loading it: the ``mads_convert.json`` of an
-    MDS reference, or ``tokenizer`` for a text one (``None``: a text reference tokenised with
-    the training tokenizer, or samples given in Python). Arguments and errors as
+    """The reference's tokenizer, when known before loading it: what the ``mads_convert.json`` or
+    label manifest of an MDS reference records (an unknown one when neither does, which the checks
+    warn about), or ``tokenizer`` for a text one (``None``: a text reference tokenised with the
+    training tokenizer, or samples given in Python). Arguments and errors as
     :func:`load_reference`."""
     if not isinstance(source, str):
         return None
     if is_url(source):
-        return tokenizer_info(stream_convert_info(local, source, split), 'reference')
+        return stream_tokenizer_infos(local, source, split, 'reference')[0]
     if _is_mds(source, split):
-        return tokenizer_info(stream_convert_info(source, None, split), 'reference')
+        return stream_tokenizer_infos(source, None, split, 'reference')[0]
     if tokenizer:
         return spec_tokenizer_info(tokenizer, 'reference')
     return None
@@ -164,7 +174,12 @@ def spread(samples: Sequence[dict], count: int) -> list[dict]:
     return [samples[int(i)] for i in ids]
 
 
-def check_reference_ids(reference: Sequence[dict], model_vocab: Optional[int]) -> None:
+def check_reference_ids(reference: Sequence[dict], model_vocab: Optional[int],
+                        decoder: Optional[SampleDecoder] = None) -> None:
     """Up to :data:`REFERENCE_CHECKED` reference samples, spread over the set, hold only token
-    ids below ``model_vocab`` (:func:`streaming_mads.checks.check_token_ids`)."""
-    check_token_ids(spread(reference, REFERENCE_CHECKED), model_vocab, 'mads_console reference set')
+    ids below ``model_vocab`` (:func:`streaming_mads.checks.check_token_ids`), read by ``decoder``
+    (the train collate's: any MDS sample format) if given, else from their ``tokens``."""
+    samples = spread(reference, REFERENCE_CHECKED)
+    if decoder is not None:
+        samples = [{'tokens': ids} for ids in decoder(samples)]
+    check_token_ids(samples, model_vocab, 'mads_console reference set')

@@ -25,6 +25,10 @@ source file is one unit, so no training document holds the docstring of a refere
 evaluation file; every document is also kept once (by content hash), so the sets are disjoint
 by document.
 
+:func:`build_collab_text` builds a third corpus from the same material, whose target needs
+agents together: the theme's clean docstrings only (a domain crossed with a theme), with half
+the garbled domain made of damaged copies of the theme's docstrings.
+
 The packages are this project's dependency closure (its requirements, recursively, without
 extras), so the corpus depends on the installed versions of the dependencies, not on what else
 is installed; without the project installed, all distributions. Everything is deterministic
@@ -40,12 +44,12 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from streaming_mads.corpora.demo import (DemoCorpus, _docstrings, _garble, _heldout, _write,
-                                        _write_domains)
+from streaming_mads.corpora.demo import (DemoCorpus, _chunks, _docstrings, _garble, _heldout,
+                                        _write, _write_domains)
 
-__all__ = ['build_packages_text', 'DOMAINS', 'THEME', 'SHARES']
+__all__ = ['build_packages_text', 'build_collab_text', 'DOMAINS', 'THEME', 'SHARES']
 
 DOMAINS = ('readme', 'docstrings', 'code', 'license', 'garbled')
 THEME = r'\b(arrays?|tensors?|numerical|arithmetic|algebra|neural|deep learning)\b'
@@ -56,7 +60,6 @@ _ROOT = 'streaming-mads'
 _THEME_DOMAINS = ('readme', 'docstrings', 'code')
 _LICENSE = re.compile(r'licen[cs]e|copying|notice', re.IGNORECASE)
 _SKIP_DIRS = frozenset({'..', '__pycache__', 'test', 'tests', 'testing'})
-_MIN_CHARS = 300
 
 Doc = tuple[str, str]  # (file name, text)
 
@@ -153,19 +156,6 @@ def _read(path: str) -> str:
         return ''
 
 
-def _chunks(text: str, size: int) -> list[str]:
-    """Pieces of about ``size`` characters, cut at blank lines (at most ``2 · size`` each)."""
-    out, lines, n = [], [], 0
-    for line in text.splitlines(keepends=True):
-        lines.append(line)
-        n += len(line)
-        if (n >= size and not line.strip()) or n >= 2 * size:
-            out.append(''.join(lines)[:2 * size])
-            lines, n = [], 0
-    out.append(''.join(lines)[:2 * size])
-    return [c for c in out if len(c.strip()) >= _MIN_CHARS]
-
-
 def _prose(text: str) -> bool:
     """Whether a text file reads as prose (word lists and data tables do not)."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -246,7 +236,9 @@ def _keeper(split: str, themed: set[str], fraction: float) -> Callable[[_Package
 
 
 def _take(sources: dict[str, Iterator[Doc]], limit: int, seen: set[str], salt: str) -> list[Doc]:
-    """Documents from every package in turn until ``limit`` bytes, each text only once overall.
+    """Documents from every package in turn until ``limit`` bytes, each text only once overall
+    (a text with a NUL character, binary data in a docstring, is left out: ``mads convert`` reads
+    text only).
 
     Each round visits the packages in a hashed order, so the last, partial round favours no
     name; a package leaves when it has no more documents. The last document may overshoot.
@@ -258,7 +250,7 @@ def _take(sources: dict[str, Iterator[Doc]], limit: int, seen: set[str], salt: s
             doc = next(live[package], None)
             if doc is None:
                 del live[package]
-            elif _digest(doc[1]) not in seen:
+            elif '\x00' not in doc[1] and _digest(doc[1]) not in seen:  # NUL: binary, not text.
                 seen.add(_digest(doc[1]))
                 out.append(doc)
                 total += len(doc[1].encode('utf-8'))
@@ -282,17 +274,19 @@ def _sources(domain: str, packages: list[_Package], keep: Callable[[_Package], K
 def build_packages_text(out: str, code_bytes: int = 1_200_000, heldout: float = 0.05,
                         reference_bytes: int = 45_000, evaluation_bytes: int = 60_000,
                         reference_fraction: float = 0.25, theme: str = THEME,
-                        doc_chars: int = 4_000, seed: int = 0) -> DemoCorpus:
+                        doc_chars: int = 4_000, seed: int = 0,
+                        target_domains: tuple[str, ...] = _THEME_DOMAINS,
+                        garbled_theme: float = 0.0) -> DemoCorpus:
     """Write the packages corpus as text files under ``out`` (one file per document).
 
     Args:
         out (str): Output directory (``train/<domain>``, ``heldout/<domain>``, ``reference``,
             ``evaluation``).
         code_bytes (int): Size knob, as the demo corpus's: training text is about
-            ``1.6 · code_bytes`` bytes in all, shared between domains by :data:`SHARES`.
+            ``1.6 · code_bytes`` bytes in all, shared between domains by :data:`SHARES` (a
+            domain that runs out leaves its share to ``code``).
         heldout (float): Fraction of each domain's training documents held out for evaluation.
-        reference_bytes (int): Bytes of the reference set, a third from each of ``readme``,
-            ``docstrings`` and ``code``.
+        reference_bytes (int): Bytes of the reference set, shared equally by ``target_domains``.
         evaluation_bytes (int): Bytes of the evaluation set, shared the same way.
         reference_fraction (float): Fraction of the theme packages' units (source files, README
             sections) never trained on; half of them (by hash) may enter the reference set, the
@@ -300,7 +294,18 @@ def build_packages_text(out: str, code_bytes: int = 1_200_000, heldout: float = 
         theme (str): Regular expression over a package's name and summary choosing the theme.
         doc_chars (int): Length at which READMEs, sources and licenses are cut into documents.
         seed (int): Seed of the garbling.
+        target_domains (tuple[str, ...]): Domains the reference and evaluation sets are drawn
+            from (of ``readme``, ``docstrings``, ``code``): the target is the theme *and* these
+            domains.
+        garbled_theme (float): Share of the ``garbled`` bytes taken from the theme packages
+            first (garbled copies of the target's kind: a decoy for a label that sees the theme
+            but not the damage).
     """
+    unknown = set(target_domains) - set(_THEME_DOMAINS)
+    if not target_domains or unknown:
+        raise ValueError(f'target_domains must be some of {_THEME_DOMAINS}, got {target_domains}')
+    if not 0 <= garbled_theme <= 1:
+        raise ValueError(f'garbled_theme is a share of bytes: between 0 and 1, got {garbled_theme}')
     rng = random.Random(seed)
     packages = [_package(d) for d in _distributions()]
     themed = _themed(packages, theme)
@@ -311,13 +316,39 @@ def build_packages_text(out: str, code_bytes: int = 1_200_000, heldout: float = 
     pool = [p for p in packages if p.name in themed]
     for name, size in (('reference', reference_bytes), ('evaluation', evaluation_bytes)):
         keep = _keeper(name, themed, reference_fraction)
-        for domain in _THEME_DOMAINS:
+        for domain in target_domains:
             docs = _take(_sources(domain, pool, keep, doc_chars, rng),
-                         size // len(_THEME_DOMAINS), seen, f'{name}/{domain}')
+                         size // len(target_domains), seen, f'{name}/{domain}')
             sets[name] += [(f'{domain}__{n}', text) for n, text in docs]
     keep = _keeper('train', themed, reference_fraction)
-    docs = {d: _take(_sources(d, packages, keep, doc_chars, rng),
-                     int(SHARES[d] * _SCALE * code_bytes), seen, d) for d in DOMAINS}
-    train, held = _write_domains(out, docs, heldout)
+    docs, short = {}, 0
+    # Code last: what the other domains lack (a large corpus has more code than READMEs and
+    # licenses) is taken as code, so the corpus reaches its size.
+    for d in sorted(DOMAINS, key=lambda d: d == 'code'):
+        limit = int(SHARES[d] * _SCALE * code_bytes) + (short if d == 'code' else 0)
+        first = []
+        if d == 'garbled' and garbled_theme:
+            first = _take(_sources(d, pool, keep, doc_chars, rng), int(garbled_theme * limit),
+                          seen, f'{d}/theme')
+        docs[d] = first + _take(_sources(d, packages, keep, doc_chars, rng),
+                                limit - sum(len(t.encode('utf-8')) for _, t in first), seen, d)
+        short += max(0, limit - sum(len(t.encode('utf-8')) for _, t in docs[d]))
+    train, held = _write_domains(out, {d: docs[d] for d in DOMAINS}, heldout)
     return DemoCorpus(train, held, _write(os.path.join(out, 'reference'), sets['reference']),
                       _write(os.path.join(out, 'evaluation'), sets['evaluation']))
+
+
+def build_collab_text(out: str, code_bytes: int = 1_200_000, **options: Any) -> DemoCorpus:
+    """The collaboration corpus: the packages corpus whose target needs several agents at once.
+
+    The target is the clean *docstrings* of the numerical-computing theme: a domain (which the
+    domain agent sees, but of which the theme is a small share) crossed with a theme (which the
+    topic and similarity labels see, but spread over every domain), while half the ``garbled``
+    domain is damaged copies of the theme's docstrings, which share its words (a decoy for the
+    similarity and topic labels that only the quality label sees through). No single agent can
+    pick the target alone. Arguments as :func:`build_packages_text` (``options`` override
+    ``target_domains=('docstrings',)`` and ``garbled_theme=0.5``).
+    """
+    return build_packages_text(out, code_bytes=code_bytes,
+                               **{'target_domains': ('docstrings',), 'garbled_theme': 0.5,
+                                  **options})

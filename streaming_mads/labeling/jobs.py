@@ -22,9 +22,11 @@ from numpy.typing import NDArray
 from streaming_mads.convert_record import CONVERT_INFO_NAME
 from streaming_mads.labeling.streams import LabelingError, StreamRef, load_shard
 from streaming_mads.labels import atomic_save_npz
+from streaming_mads.mds_formats import SampleDecoder, SampleFormatError, column_format
 from streaming_mads.labeling.quality import load_scorer, score_texts
-from streaming_mads.labeling.similarity import SimilarityModel
-from streaming_mads.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
+from streaming_mads.labeling.similarity import SimilarityModel, similarity_features
+from streaming_mads.tokenizer import (Tokenizer, TokenizerError, load_tokenizer,
+                                      tokenizer_from_record, tokenizer_identity)
 from streaming_mads.labeling.topics import TermRows, TopicModel, term_rows
 
 __all__ = ['TextSpec', 'text_spec', 'ShardJob', 'ScoreJob', 'run_score', 'AssignJob', 'run_assign',
@@ -33,14 +35,21 @@ __all__ = ['TextSpec', 'text_spec', 'ShardJob', 'ScoreJob', 'run_score', 'Assign
 
 @dataclass(frozen=True)
 class TextSpec:
-    """Where a sample's text comes from: a ``str`` column, or a token column plus tokenizer."""
+    """Where a sample's text comes from: a ``str`` column, or a token column plus tokenizer.
+
+    ``identity`` is the tokenizer's :func:`~streaming_mads.tokenizer.tokenizer_identity` as JSON
+    (recorded in the label manifest), and ``fix`` the ``--tokenizer`` an error should suggest.
+    """
     column: str
     tokens: bool
     tokenizer: Optional[tuple[str, str]] = None  # (json record or spec, base dir)
+    identity: Optional[str] = None
+    fix: str = ''
+    encoding: str = 'int64'  # token_encoding_type of legacy ``bytes`` ids
 
 
 def text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_column: Optional[str],
-              tokenizer: Optional[str]) -> TextSpec:
+              tokenizer: Optional[str], token_encoding_type: str = 'int64') -> TextSpec:
     """Decide, in the main process, which column of ``ref`` holds its text and how to decode it.
 
     Args:
@@ -50,6 +59,8 @@ def text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_co
         text_column (str, optional): Column asked for; defaults to ``text``, else ``tokens``.
         tokenizer (str, optional): Tokenizer asked for; defaults to the one ``mads convert``
             recorded.
+        token_encoding_type (str): Dtype of llm-foundry's legacy ``bytes`` token ids
+            (:mod:`streaming_mads.mds_formats`). Defaults to ``'int64'``.
 
     Returns:
         TextSpec: What the worker jobs decode.
@@ -59,34 +70,58 @@ def text_spec(ref: StreamRef, info: Optional[dict[str, Any]], root: str, text_co
         raise LabelingError(f'Stream {ref.name} has no shards.')
     encodings = dict(zip(shard['column_names'], shard['column_encodings']))
     cols = ', '.join(f'{k} ({v})' for k, v in encodings.items())
-    if text_column is not None:
-        if text_column not in encodings:
-            raise LabelingError(f'Stream {ref.name} has no column {text_column!r} (columns: {cols}).')
-        col = text_column
-    elif 'text' in encodings:
-        col = 'text'
-    elif 'tokens' in encodings:
-        col = 'tokens'
-    else:
-        raise LabelingError(f'Stream {ref.name} has no "text" or "tokens" column (columns: {cols}): '
-                            'pass the column holding the text or token ids as --text-column.')
-    enc = encodings[col]
-    if enc == 'str':
+    if text_column is not None and text_column not in encodings:
+        raise LabelingError(f'Stream {ref.name} has no column {text_column!r} (columns: {cols}).')
+    try:
+        kind, col = column_format(encodings, text_column or 'tokens', text_column or 'text',
+                                  prefer_text=True, where=f'Stream {ref.name}',
+                                  hint='Pass the column holding the text or token ids as '
+                                       '--text-column.')
+    except SampleFormatError as err:
+        raise LabelingError(str(err)) from err
+    if kind == 'text':
         return TextSpec(col, False)
-    if not enc.startswith('ndarray'):
-        raise LabelingError(f'Column {col!r} of stream {ref.name} is {enc!r}: mads label reads '
-                            'text from a "str" column or token ids from an "ndarray" column.')
-    if tokenizer is not None:
-        load_tokenizer(tokenizer)  # Fail early, in the main process.
-        spec = tokenizer if tokenizer == 'bytes' else os.path.abspath(tokenizer)
-        return TextSpec(col, True, (spec, ''))
     record = (info or {}).get('tokenizer')
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)  # Fail early, in the main process.
+        spec = tokenizer if tokenizer == 'bytes' else os.path.abspath(tokenizer)
+        _check_given_tokenizer(ref, tok, tokenizer, record, root)
+        return TextSpec(col, True, (spec, ''), _identity(tok),
+                        'pass the tokenizer that encoded it as --tokenizer (a path, or "bytes")',
+                        token_encoding_type)
     if not record:
         raise LabelingError(f'Stream {ref.name} holds token ids but no tokenizer is known (no '
                             f'{CONVERT_INFO_NAME} with one): pass the tokenizer that encoded it as '
                             '--tokenizer (a path, or "bytes").')
-    tokenizer_from_record(record, root)
-    return TextSpec(col, True, (json.dumps(record, sort_keys=True), os.path.abspath(root)))
+    tok = tokenizer_from_record(record, root)
+    return TextSpec(col, True, (json.dumps(record, sort_keys=True), os.path.abspath(root)),
+                    _identity(tok), f'its {CONVERT_INFO_NAME} ({root}) names another tokenizer '
+                    'than the one that encoded it: re-convert the dataset', token_encoding_type)
+
+
+def _identity(tok: Tokenizer) -> str:
+    return json.dumps(tokenizer_identity(tok), sort_keys=True)
+
+
+def _check_given_tokenizer(ref: StreamRef, tok: Tokenizer, given: str,
+                           record: Optional[dict[str, Any]], root: str) -> None:
+    """Refuse ``--tokenizer`` when the dataset's ``mads_convert.json`` records another one (by
+    vocabulary fingerprint; a record too old to have one is compared by loading its tokenizer)."""
+    if not record:
+        return
+    recorded = record.get('fingerprint')
+    if recorded is None:
+        try:
+            recorded = tokenizer_from_record(record, root).fingerprint
+        except TokenizerError:
+            return  # Its tokenizer is gone: --tokenizer is what replaces it.
+    if recorded != tok.fingerprint:
+        raise LabelingError(f'Stream {ref.name} was encoded with a {record.get("kind")} tokenizer '
+                            f'of {record.get("vocab_size")} ids (fingerprint {recorded}, recorded '
+                            f'in {os.path.join(root, CONVERT_INFO_NAME)}), but --tokenizer {given} '
+                            f'is a {tok.kind} tokenizer of {tok.vocab_size} ids (fingerprint '
+                            f'{tok.fingerprint}): its ids would decode to other text. Drop '
+                            '--tokenizer (the recorded one is used).')
 
 
 _TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}  # Loaded once per worker process.
@@ -103,13 +138,31 @@ def _tokenizer(spec: tuple[str, str]) -> Tokenizer:
     return _TOKENIZERS[spec]
 
 
-def _segments(samples: list[dict[str, Any]], text: TextSpec) -> list[list[str]]:
-    """Text pieces of each sample: its documents (split at EOS) or its one text."""
+def _segments(samples: list[dict[str, Any]], text: TextSpec, job: 'ShardJob') -> list[list[str]]:
+    """Text pieces of each sample: its documents (split at EOS) or its one text.
+
+    A token id outside the tokenizer's vocabulary is an error naming the stream, the sample and
+    the fix, never dropped: it means the ids were made by another tokenizer.
+    """
     if not text.tokens:
         return [[str(s[text.column])] for s in samples]
     assert text.tokenizer is not None
     tok = _tokenizer(text.tokenizer)
-    return [tok.decode_segments(np.asarray(s[text.column]).reshape(-1)) for s in samples]
+    decoder = SampleDecoder(tokens_column=text.column, token_encoding_type=text.encoding,
+                            setting='--token-encoding-type', where='it')
+    out = []
+    for i, s in enumerate(samples):
+        try:
+            ids = decoder.token_ids(s[text.column])
+        except SampleFormatError as err:
+            raise LabelingError(f'Stream {job.name}, sample {i} of shard '
+                                f'{job.shard["raw_data"]["basename"]}: {err}') from None
+        try:
+            out.append(tok.decode_segments(ids))
+        except TokenizerError as err:
+            raise LabelingError(f'Stream {job.name}, sample {i} of shard '
+                                f'{job.shard["raw_data"]["basename"]}: {err}; {text.fix}.') from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -127,7 +180,7 @@ class ShardJob:
 
     def texts(self) -> list[str]:
         """Each sample's whole text (its documents joined by blank lines)."""
-        return ['\n\n'.join(s) for s in _segments(self.samples(), self.text)]
+        return ['\n\n'.join(s) for s in _segments(self.samples(), self.text, self)]
 
 
 @dataclass(frozen=True)
@@ -140,6 +193,7 @@ class ScoreJob(ShardJob):
     embedder: Optional[str]  # JSON record of a transformer embedder for the fit rows
     num_threads: int
     out: str
+    similarity: bool = False  # keep the fit rows' similarity features (words and word pairs)
 
 
 def run_score(job: ScoreJob) -> int:
@@ -153,7 +207,7 @@ def run_score(job: ScoreJob) -> int:
     """
     samples = job.samples()
     needs_text = job.quality is not None or job.terms or job.embedder
-    segs = _segments(samples, job.text) if needs_text else []
+    segs = _segments(samples, job.text, job) if needs_text else []
     arrays: dict[str, Any] = {'n': np.int64(len(samples))}
     if job.quality is not None:
         flat = [t for s in segs for t in s]
@@ -183,6 +237,9 @@ def run_score(job: ScoreJob) -> int:
             if job.embedder not in _MODELS:  # Loaded once per worker process.
                 _MODELS[job.embedder] = TopicModel(json.loads(job.embedder), np.zeros((1, 1)))
             arrays['fit_emb'] = _MODELS[job.embedder].embed([texts[i] for i in fit], job.num_threads)
+        if job.similarity:
+            sim = similarity_features([texts[i] for i in fit])
+            arrays.update(sim_indptr=sim.indptr, sim_buckets=sim.buckets)
     atomic_save_npz(job.out, **arrays)
     return len(samples)
 

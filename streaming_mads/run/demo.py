@@ -9,7 +9,8 @@ Steps (all local, nothing downloaded):
 3. ``mads label`` it (domain, heuristic quality, 13 TF-IDF k-means topics),
 4. train ``yamls/quickstart-cpu.yaml`` (MADS) and ``yamls/random-baseline-cpu.yaml`` (uniform)
    with the same seed, model and token budget, evaluating as they go,
-5. print a table and write ``results.json`` and ``results.png`` to the output folder.
+5. print a table and write ``results.json`` and ``results.png`` to the output folder (its weight
+   panels drawn by :mod:`streaming_mads.run.report` from the MADS run's ``mads_history.jsonl``).
 
 Data efficiency is reported on the evaluation set (and, for comparison, on the reference set)
 in three costs to reach uniform's final loss: tokens, training wall time (loader at the pool
@@ -30,6 +31,7 @@ import numpy as np
 from composer import Callback
 
 from streaming_mads.console.config import ConsoleConfig
+from streaming_mads.console.history import HISTORY_FILE
 
 __all__ = ['run_demo', 'steps_to_reach', 'costs_to_reach', 'train_wall', 'prepare_data',
            'train_run', 'quiet', 'run_process_init', 'TrainClock']
@@ -146,21 +148,23 @@ def _say(msg: str) -> None:
 
 
 def prepare_data(out: str, code_bytes: int, seq_len: int, vocab_size: int,
-                 progress: bool, corpus: str = 'demo') -> dict[str, Any]:
+                 progress: bool, corpus: str = 'demo',
+                 options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Corpus text -> tokenised MDS (train, held-out, reference) -> sidecar labels.
 
-    ``corpus`` picks the text: ``'demo'`` (:mod:`streaming_mads.corpora.demo`) or ``'packages'``
-    (:mod:`streaming_mads.corpora.packages`, a reference across domains).
+    ``corpus`` picks the text: ``'demo'`` (:mod:`streaming_mads.corpora.demo`), ``'packages'``
+    (:mod:`streaming_mads.corpora.packages`, a reference across domains) or ``'collab'`` (a
+    target only agents together can find); ``options`` are the builder's other arguments.
     """
     from streaming_mads.convert.convert import convert
-    from streaming_mads.corpora.demo import build_demo_text
+    from streaming_mads.corpora import build_collab_text, build_demo_text, build_packages_text
     from streaming_mads.labeling import inspect_dataset, label_dataset
-    from streaming_mads.corpora.packages import build_packages_text
 
-    builders = {'demo': build_demo_text, 'packages': build_packages_text}
+    builders = {'demo': build_demo_text, 'packages': build_packages_text,
+                'collab': build_collab_text}
     if corpus not in builders:
         raise ValueError(f'corpus must be one of {sorted(builders)}, not {corpus!r}')
-    text = builders[corpus](os.path.join(out, 'text'), code_bytes=code_bytes)
+    text = builders[corpus](os.path.join(out, 'text'), code_bytes=code_bytes, **(options or {}))
     data = os.path.join(out, 'data')
     summary = convert([f'{d}={p}' for d, p in text.train.items()], data, layout='single',
                       seq_len=seq_len, tokenizer='train', vocab_size=vocab_size, overwrite=True,
@@ -185,10 +189,16 @@ def _series(mem: Any, key: str) -> tuple[list[int], list[float]]:
     return [int(ts.batch.value) for ts, _ in pairs], [float(v) for _, v in pairs]
 
 
-def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Train one shipped YAML on prepared demo data; its evaluation curves and MADS metrics."""
+def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str],
+              history: Optional[str] = None) -> dict[str, Any]:
+    """Train one shipped YAML on prepared demo data; its evaluation curves and MADS metrics.
+
+    ``history``: where a console run writes its weight history (read back into the result's
+    ``history``); ``None``: no file.
+    """
     from composer.loggers import InMemoryLogger
 
+    from streaming_mads.console.history import read_history
     from streaming_mads.run.train import apply_overrides, build_trainer, load_config
 
     cfg = load_config(yaml_name)
@@ -200,6 +210,7 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
     cfg['eval_loaders'] = evals
     if 'mads_console' in (cfg.get('algorithms') or {}):
         cfg['algorithms']['mads_console']['reference'] = paths['reference']
+        cfg['algorithms']['mads_console']['history'] = history or False
     cfg = apply_overrides(cfg, overrides)
     mem = InMemoryLogger()
     clock = TrainClock()
@@ -228,20 +239,26 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str]) -
         elif key.startswith('mads/') and not key.startswith('mads/update_time'):
             result['mads'][key] = _series(mem, key)
     result['console_time_s'] = sum(_series(mem, 'mads/update_time_s')[1])
+    if history and algos.get('mads_console'):
+        result['history'] = read_history(history)
     del trainer, mem
     gc.collect()
     return result
 
 
 def _plot(results: dict[str, Any], path: str) -> bool:
+    """Evaluation loss over tokens and wall time (top), MADS' weights as ``mads report`` draws
+    them (below); ``False`` without matplotlib."""
+    from streaming_mads.run.report import ReportError, draw_history, pyplot
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except ReportError:
         return False
     mads, uni = results['mads'], results['uniform']
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    agents = len(mads['history'][-1]['memory'])
+    fig = plt.figure(figsize=(4.2 * (agents + 1), 11), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.6])
+    axes = top.subplots(1, 2)
     for res, name in ((uni, 'uniform'), (mads, 'MADS')):
         steps, losses = res['eval']['evaluation']
         tokens = [s * res['tokens'] / res['batches'] / 1e6 for s in steps]
@@ -252,16 +269,7 @@ def _plot(results: dict[str, Any], path: str) -> bool:
                 ylabel='cross-entropy')
     axes[1].set(title='evaluation loss', xlabel='training wall time (s)')
     axes[0].legend()
-    for key, (steps, values) in sorted(mads['mads'].items()):
-        if key.startswith('mads/memory/domain/') or key.startswith('mads/memory/quality/'):
-            axes[2].plot(steps, values, label=key.split('/', 2)[2])
-        if key.startswith('mads/theta/'):
-            axes[3].plot(steps, values, label=key.split('/')[-1])
-    axes[2].set(title='agent memories (relative weight)', xlabel='batch', yscale='log')
-    axes[2].legend(fontsize=7, ncol=2)
-    axes[3].set(title='collaborative weights θ', xlabel='batch')
-    axes[3].legend()
-    fig.tight_layout()
+    draw_history(bottom, mads['history'])
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -307,15 +315,34 @@ def report(results: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: int = 1_200_000,
-             seq_len: int = 128, vocab_size: int = 4096, progress: bool = True,
+#: The demo's default budget and corpus: the corpus holds at least :data:`DEMO_CORPUS_RATIO`
+#: times the candidates MADS reads (the benchmark's rule, docs/results.md "Benchmark regime").
+DEMO_BUDGET = '150ba'
+DEMO_CORPUS_RATIO = 4
+
+
+def corpus_read_ratio(data: str, cfg: dict[str, Any]) -> tuple[int, int]:
+    """The samples of the MDS dataset ``data`` and the candidates a run of ``cfg`` reads (pool
+    ratio × batches × batch size)."""
+    with open(os.path.join(data, 'index.json')) as f:
+        samples = sum(shard['samples'] for shard in json.load(f)['shards'])
+    pool = cfg['train_loader']['dataset'].get('pool_ratio', 1)
+    batches = int(str(cfg['max_duration']).rstrip('ba'))
+    return samples, int(pool * batches * cfg['global_train_batch_size'])
+
+
+def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: int = 12_000_000,
+             seq_len: int = 128, vocab_size: int = 1024, progress: bool = True,
              reuse_data: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the whole demo; returns every figure (also written to ``out/results.json``).
 
     Args:
         out (str): Output folder.
-        budget (str, optional): Training duration override for both runs (e.g. ``'100ba'``).
-        code_bytes (int): Source bytes scanned for the corpus.
+        budget (str, optional): Training duration of both runs in batches (e.g. ``'100ba'``;
+            default :data:`DEMO_BUDGET`); the corpus must hold :data:`DEMO_CORPUS_RATIO` times
+            the candidates MADS reads in it.
+        code_bytes (int): Source bytes scanned for the corpus (the default, about 40k samples,
+            is four times what MADS reads in the default budget).
         seq_len (int): Tokens per sample.
         vocab_size (int): BPE vocabulary trained on the corpus.
         progress (bool): Show progress bars.
@@ -340,11 +367,23 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
         paths = prepare_data(out, code_bytes, seq_len, vocab_size, progress)
         with open(paths_file, 'w') as f:
             json.dump(paths, f)
-    common = [f'max_duration={budget}'] if budget else []
-    if budget:
-        common.append('scheduler.t_warmup=' + str(max(1, int(budget.rstrip('ba')) // 20)) + 'ba')
+    from streaming_mads.run.train import apply_overrides, load_config
+    budget = budget or DEMO_BUDGET
+    common = [f'max_duration={budget}']
+    samples, read = corpus_read_ratio(paths['data'], apply_overrides(
+        load_config('quickstart-cpu.yaml'), common + list(overrides)))
+    if samples < DEMO_CORPUS_RATIO * read:
+        raise ValueError(f'the corpus holds {samples} samples, under {DEMO_CORPUS_RATIO}x the '
+                         f'{read} candidates MADS reads in {budget}: a selection would repeat '
+                         f'samples. Use a smaller budget, or rebuild a larger corpus (mads demo '
+                         f'--rebuild; code_bytes).')
+    _say(f'MADS reads {read} candidates, {read / samples:.2f} of the corpus ({samples} samples)')
+    if not progress:
+        common += ['progress_bar=false', 'log_to_console=false']
+    common.append('scheduler.t_warmup=' + str(max(1, int(budget.rstrip('ba')) // 20)) + 'ba')
     _say('training MADS (quickstart-cpu.yaml)')
-    mads = train_run('quickstart-cpu.yaml', paths, common + list(overrides))
+    mads = train_run('quickstart-cpu.yaml', paths, common + list(overrides),
+                     history=os.path.join(out, HISTORY_FILE))
     _say('training uniform (random-baseline-cpu.yaml), same seed and budget')
     uniform = train_run('random-baseline-cpu.yaml', paths,
                         common + [o for o in overrides if not o.startswith('algorithms')])
@@ -356,12 +395,14 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
     results['summary']['tokens_per_run'] = uniform['tokens']
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
-    text = report(results)
+    text = report(results) + ('\nOne seed is not a result: these ratios vary from seed to seed by '
+                              'more than many gaps between arms; benchmarks/data_efficiency.py '
+                              'runs 5 seeds per arm and reports paired gaps (docs/results.md).')
     with open(os.path.join(out, 'results.txt'), 'w') as f:
         f.write(text + '\n')
     plotted = _plot(results, os.path.join(out, 'results.png'))
     print(text)
-    _say(f'wrote {out}/results.json, results.txt' + (', results.png' if plotted else
-                                                       ' (pip install matplotlib for the PNG)') +
+    _say(f'wrote {out}/results.json, results.txt, {HISTORY_FILE}' +
+         (', results.png' if plotted else ' (pip install \'streaming-mads[plot]\' for the PNG)') +
          f' in {results["seconds"]:.0f}s')
     return results

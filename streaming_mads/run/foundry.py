@@ -61,9 +61,10 @@ def build_mads_dataloader(tokenizer: Any = None,
     ``shuffle_seed``, ``predownload``, ...); ``streams`` may be llm-foundry's mapping of stream
     names to :class:`streaming.Stream` arguments. Also accepted there:
 
-    * ``tokens_column`` (default ``'tokens'``): the token-id column (``mads convert`` output). If
-      the samples have no such column but a ``text_column`` (default ``'text'``), texts are
-      tokenised with ``tokenizer``.
+    * ``tokens_column`` (default ``'tokens'``): the token-id column (an integer ndarray, or
+      llm-foundry's legacy ``bytes`` decoded with ``token_encoding_type``, default ``'int64'``).
+      If the samples have no such column but a ``text_column`` (default ``'text'``), texts are
+      tokenised with ``tokenizer`` (docs/bring-your-own-mds.md).
     * ``max_seq_len``: samples are cut to it (tokens) or tokenised with truncation to it (text).
     * The other keys of llm-foundry's ``text`` dataset (``eos_token_id``, ``bos_token_id``, ...,
       see :data:`~streaming_mads.run.loader.FOUNDRY_TEXT_KEYS`) are accepted and ignored, so a

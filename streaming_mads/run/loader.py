@@ -3,9 +3,10 @@
 Both entry points read the same config (``{name, dataset: {...}, num_workers, ...}``), so they
 build their loaders here, in the style of llm-foundry's ``build_dataloader``: one function that
 dispatches by ``name`` (``mads``: :class:`MADSDataset`; ``streaming``: a plain
-:class:`StreamingDataset`, the uniform baseline and the eval sets). Token and text samples, the
-cut to ``max_seq_len``, the batch-size guard and token counting are decided once, so a config
-behaves the same under either. The long form is docs/configuration.md ("Data loaders").
+:class:`StreamingDataset`, the uniform baseline and the eval sets). The sample format (each of
+llm-foundry's three, :mod:`streaming_mads.mds_formats`), the cut to ``max_seq_len``, the
+batch-size guard and token counting are decided once, so a config behaves the same under either.
+The long form is docs/configuration.md ("Data loaders") and docs/bring-your-own-mds.md.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ __all__ = ['ConfigError', 'build_dataloader', 'streams_from_config', 'FOUNDRY_TE
 LOADER_NAMES = ('mads', 'streaming')
 
 # Keys of llm-foundry's ``text`` dataset config that are not StreamingDataset arguments; they are
-# accepted (so a ``text`` YAML switches to ``mads`` by changing its name) and used or ignored here.
+# accepted (so a ``text`` YAML switches to ``mads`` by changing its name) and used or ignored here
+# (``token_encoding_type`` is used, and popped before these).
 FOUNDRY_TEXT_KEYS = frozenset({
-    'max_seq_len', 'eos_token_id', 'bos_token_id', 'token_encoding_type', 'mlm_probability',
+    'max_seq_len', 'eos_token_id', 'bos_token_id', 'mlm_probability',
     'override_eos_token_id_mismatch_error', 'override_bos_token_id_mismatch_error',
     'seq_parallel_replication', 'tokenizer_name'
 })
@@ -147,11 +149,30 @@ def _mads_only_keys() -> set[str]:
     return ours - set(inspect.signature(StreamingDataset).parameters) - {'kwargs'}
 
 
-def _columns(dataset: Any) -> set[str]:
-    names: set[str] = set()
-    for shard in getattr(dataset, 'shards', [])[:1]:
-        names.update(getattr(shard, 'column_names', None) or getattr(shard, 'columns', None) or [])
-    return names
+def _stream_formats(dataset: Any, tokens_column: str, text_column: str,
+                    where: str) -> set[str]:
+    """The sample format of each stream of ``dataset``, from its first shard's column encodings
+    (checked before any shard is read: a wrong one fails here, not in a worker)."""
+    from streaming_mads.mds_formats import SampleFormatError, column_format
+    formats: set[str] = set()
+    seen: set[int] = set()
+    for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard):
+        if int(stream_id) in seen:
+            continue
+        seen.add(int(stream_id))
+        stream = dataset.streams[int(stream_id)]
+        name = stream.remote or stream.local
+        if not hasattr(shard, 'column_encodings'):
+            continue  # Not MDS (JSONL, CSV shards): decoded as each sample comes.
+        encodings = dict(zip(shard.column_names, shard.column_encodings))
+        try:
+            formats.add(column_format(encodings, tokens_column, text_column,
+                                      where=f'{where}.dataset: stream {name}',
+                                      hint=f'Set {where}.dataset.tokens_column or text_column '
+                                           f'to the column holding them.')[0])
+        except SampleFormatError as err:
+            raise ConfigError(str(err)) from err
+    return formats
 
 
 def _recorded_tokenizer(dataset: Any) -> Any:
@@ -166,23 +187,23 @@ def _recorded_tokenizer(dataset: Any) -> Any:
 
 
 def _collator(dataset: Any, tokenizer: Any, tokens_column: str, text_column: str,
-              max_seq_len: Optional[int], where: str) -> Any:
-    """Token ids are collated as they are; a text column is tokenised on the fly."""
-    from streaming_mads.collate import TextCollator, TokenCollator, tokenizer_pad_id
-    columns = _columns(dataset)
-    if tokens_column in columns or not columns:
-        return TokenCollator(tokens_column, tokenizer_pad_id(tokenizer), max_seq_len)
-    if text_column not in columns:
-        raise ConfigError(f'{where}.dataset: the samples have neither a {tokens_column!r} nor a '
-                          f'{text_column!r} column (they have {sorted(columns)}): set '
-                          f'tokens_column or text_column.')
-    if tokenizer is None:
+              token_encoding_type: str, max_seq_len: Optional[int], where: str) -> Any:
+    """The collator of every stream's format; text needs a tokenizer (given, or recorded)."""
+    from streaming_mads.collate import TextCollator, TokenCollator
+    from streaming_mads.mds_formats import SampleDecoder
+    key = f'{where}.dataset'
+    text = 'text' in _stream_formats(dataset, tokens_column, text_column, where)
+    if text and tokenizer is None:
         tokenizer = _recorded_tokenizer(dataset)
-    if tokenizer is None:
-        raise ConfigError(f'{where}.dataset: the samples hold text ({text_column!r}), and no '
-                          f'tokenizer was given or recorded beside the data (mads_convert.json): '
-                          f'set tokenizer.name (mads train) or the run\'s tokenizer (llm-foundry).')
-    return TextCollator(tokenizer, max_seq_len, text_column)
+    fix = 'set tokenizer.name (mads train) or the run\'s tokenizer (llm-foundry)'
+    if text and tokenizer is None:
+        raise ConfigError(f'{key}: the samples hold text ({text_column!r}), and no tokenizer was '
+                          f'given or recorded beside the data (mads_convert.json): {fix}.')
+    decoder = SampleDecoder(tokenizer, max_seq_len=max_seq_len, tokens_column=tokens_column,
+                            text_column=text_column, token_encoding_type=token_encoding_type,
+                            setting=f'{key}.token_encoding_type', tokenizer_key=fix,
+                            where=f'a sample of {key}')
+    return TextCollator(decoder=decoder) if text else TokenCollator(decoder=decoder)
 
 
 def build_dataloader(cfg: Mapping[str, Any],
@@ -200,11 +221,14 @@ def build_dataloader(cfg: Mapping[str, Any],
     * ``dataset``: the dataset's arguments, except ``batch_size`` (always ``device_batch_size``:
       a different one would misalign MADS' pools with the batches); ``streams`` may be a mapping
       of stream names to :class:`streaming.Stream` arguments (or a list). Also accepted there:
-      ``tokens_column`` (default ``'tokens'``), ``text_column`` (default ``'text'``, used when
-      the samples have no token column: texts are tokenised with ``tokenizer``, else with the
-      tokenizer ``mads convert`` recorded beside the data), ``max_seq_len`` (the cut, at most the
-      ``max_seq_len`` argument) and llm-foundry's other ``text`` keys (:data:`FOUNDRY_TEXT_KEYS`,
-      ignored; ``mlm_probability`` and ``seq_parallel_replication > 1`` are refused).
+      ``tokens_column`` (default ``'tokens'``: token ids, an integer ndarray or llm-foundry's
+      legacy ``bytes``), ``token_encoding_type`` (default ``'int64'``: the dtype of legacy
+      ``bytes`` ids), ``text_column`` (default ``'text'``, used when the samples have no token
+      column: texts are tokenised with ``tokenizer``, else with the tokenizer ``mads convert``
+      recorded beside the data), ``max_seq_len`` (the cut, at most the ``max_seq_len``
+      argument) and llm-foundry's other ``text`` keys (:data:`FOUNDRY_TEXT_KEYS`, ignored;
+      ``mlm_probability`` and ``seq_parallel_replication > 1`` are refused). Each stream's
+      format is checked from its index before the loader is returned.
     * Every other key goes to :class:`torch.utils.data.DataLoader`. ``pin_memory`` defaults to
       whether CUDA is available; ``prefetch_factor`` and ``persistent_workers`` are dropped
       without workers (where torch refuses them).
@@ -230,6 +254,7 @@ def build_dataloader(cfg: Mapping[str, Any],
     from torch.utils.data import DataLoader
 
     from streaming_mads.collate import count_tokens
+    from streaming_mads.mds_formats import SampleFormatError, check_token_encoding_type
     from streaming_mads.streaming_internals import check_shard_files
     loader = dict(cfg)
     name = loader.pop('name', None) or 'mads'
@@ -248,6 +273,13 @@ def build_dataloader(cfg: Mapping[str, Any],
                           f'batch size (global_train_batch_size / world size).')
     tokens_column = dataset_cfg.pop('tokens_column', 'tokens')
     text_column = dataset_cfg.pop('text_column', 'text')
+    token_encoding_type = dataset_cfg.pop('token_encoding_type', 'int64')
+    try:
+        check_token_encoding_type(token_encoding_type, f'{where}.dataset.token_encoding_type')
+    except SampleFormatError as err:
+        raise ConfigError(str(err)) from err
+    if name == 'mads':  # It decodes legacy bytes itself, naming the sample that fails.
+        dataset_cfg.update(tokens_column=tokens_column, token_encoding_type=token_encoding_type)
     cut = _max_seq_len(dataset_cfg.get('max_seq_len'), max_seq_len, where)
     if dataset_cfg.get('mlm_probability'):
         raise ConfigError(f'{where}.dataset.mlm_probability: these loaders build causal-LM '
@@ -269,7 +301,8 @@ def build_dataloader(cfg: Mapping[str, Any],
         raise ConfigError(f'{where}.dataset: {err}') from err
     check_shard_files(dataset)  # A plain StreamingDataset fetches shards by unchecked names.
 
-    collate_fn = _collator(dataset, tokenizer, tokens_column, text_column, cut, where)
+    collate_fn = _collator(dataset, tokenizer, tokens_column, text_column, token_encoding_type,
+                           cut, where)
     workers = int(loader.pop('num_workers', 0) or 0)
     pin_memory = loader.pop('pin_memory', None)
     prefetch_factor = loader.pop('prefetch_factor', None)

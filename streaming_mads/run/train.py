@@ -8,6 +8,15 @@ the ODM-style baseline), optimizer, scheduler,
 duration, loggers, callbacks, checkpointing and FSDP settings passed to Composer. Command-line
 ``key.sub=value`` overrides are parsed as YAML values. Every error names the offending key.
 
+An llm-foundry pretraining YAML runs as it is once its ``train_loader`` says ``name: mads``:
+``${...}`` interpolations and ``variables:`` are resolved with OmegaConf after the overrides (as
+llm-foundry resolves them), its keys that Composer can honour are passed on (``eval_loader``,
+``device_eval_batch_size``, ``eval_first``, Composer algorithms such as ``gradient_clipping``,
+checkpointing, ...), an MPT ``model:`` becomes the GPT-2 of the same sizes
+(:func:`streaming_mads.models.mpt_to_gpt2`), and a key that only llm-foundry runs (``icl_tasks``,
+``eval_gauntlet``, ``tp_config``, ...) is refused, naming the llm-foundry route
+(docs/configuration.md, "llm-foundry YAMLs").
+
 Under ``composer -n N -m streaming_mads.run.cli train CONFIG.yaml`` each process builds the same
 Trainer; Composer sets up torch.distributed (gloo on CPU, nccl on GPU) and Streaming partitions
 the data across ranks.
@@ -23,23 +32,61 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import os
+import sys
+import warnings
 from typing import Any, Callable, Optional, Sequence
-
-import yaml
 
 from streaming_mads.run.loader import ConfigError, build_dataloader
 
-__all__ = ['ConfigError', 'find_config', 'shipped_configs', 'load_config', 'apply_overrides', 'build_trainer', 'train']
+__all__ = ['ConfigError', 'find_config', 'shipped_configs', 'load_config', 'apply_overrides',
+           'resolve_config', 'build_trainer', 'train', 'COMPOSER_ALGORITHMS', 'FOUNDRY_ONLY',
+           'FOUNDRY_ROUTE']
 
+#: Trainer arguments a YAML may set under the same name (llm-foundry's ``TrainConfig`` keys).
+TRAINER_KEYS = (
+    'train_subset_num_batches', 'spin_dataloaders', 'accumulate_train_batch_on_tokens',
+    'compile_config', 'save_filename', 'save_latest_filename', 'save_weights_only',
+    'save_ignore_keys', 'load_weights_only', 'load_strict_model_weights', 'load_ignore_keys',
+    'dist_timeout')
 TOP_LEVEL = {
     'run_name', 'seed', 'max_seq_len', 'model', 'tokenizer', 'train_loader', 'eval_loaders',
-    'eval_interval', 'eval_subset_num_batches', 'algorithms', 'optimizer', 'scheduler',
-    'max_duration', 'global_train_batch_size', 'device_train_microbatch_size', 'device',
-    'precision', 'loggers', 'callbacks', 'progress_bar', 'log_to_console', 'console_log_interval',
-    'save_folder', 'save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite', 'load_path',
-    'autoresume', 'fsdp_config', 'dist_timeout', 'python_log_level', 'variables'
+    'eval_loader', 'eval_interval', 'eval_subset_num_batches', 'device_eval_batch_size',
+    'eval_first', 'algorithms', 'optimizer', 'scheduler', 'max_duration',
+    'global_train_batch_size', 'device_train_microbatch_size', 'device', 'precision', 'loggers',
+    'callbacks', 'progress_bar', 'log_to_console', 'console_log_interval', 'log_config',
+    'metadata', 'flatten_metadata', 'save_folder', 'save_interval',
+    'save_num_checkpoints_to_keep', 'save_overwrite', 'load_path', 'autoresume', 'fsdp_config',
+    'python_log_level', 'variables', *TRAINER_KEYS
 }
 REQUIRED = ('max_seq_len', 'model', 'train_loader', 'max_duration', 'global_train_batch_size')
+
+#: Where a YAML goes that needs what only llm-foundry runs (named in every such error).
+FOUNDRY_ROUTE = ('run the YAML with llm-foundry itself: `composer llmfoundry/scripts/train/train.py '
+                 'CONFIG.yaml`, keeping train_loader.name: mads and algorithms.mads_console (this '
+                 'package registers both there; docs/configuration.md, "llm-foundry")')
+
+#: llm-foundry top-level keys ``mads train`` does not run, and what they are.
+FOUNDRY_ONLY = {
+    'icl_tasks': 'in-context-learning evaluation', 'icl_tasks_str': 'in-context-learning evaluation',
+    'icl_subset_num_batches': 'in-context-learning evaluation',
+    'icl_seq_len': 'in-context-learning evaluation', 'eval_gauntlet': 'the eval gauntlet',
+    'eval_gauntlet_str': 'the eval gauntlet', 'tp_config': 'tensor parallelism',
+    'code_paths': 'your own registry code', 'profiler': 'the profiler',
+    'only_hf_checkpoint': 'Hugging Face checkpoint export',
+    'only_composer_checkpoint': 'checkpoint export without training',
+    'max_split_size_mb': 'CUDA allocator settings', 'expandable_segments': 'CUDA allocator settings',
+    'cuda_load_lazy': 'CUDA allocator settings',
+}
+# Set by llm-foundry itself from global_train_batch_size; the same here.
+_COMPUTED = ('device_train_batch_size', 'n_gpus', 'device_train_grad_accum')
+
+#: Composer algorithms by the names llm-foundry registers them under (and Composer's EMA, SWA and
+#: layer freezing), for ``algorithms: {NAME: {kwargs}}`` beside the console.
+COMPOSER_ALGORITHMS = {
+    'gradient_clipping': 'GradientClipping', 'alibi': 'Alibi',
+    'gated_linear_units': 'GatedLinearUnits', 'low_precision_layernorm': 'LowPrecisionLayerNorm',
+    'ema': 'EMA', 'swa': 'SWA', 'layer_freezing': 'LayerFreezing',
+}
 
 
 def shipped_configs() -> list[str]:
@@ -71,19 +118,62 @@ def find_config(path: str) -> str:
                       f'(shipped: {", ".join(shipped_configs())}).')
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML run config (a path or a shipped name, :func:`find_config`), apply overrides."""
+def _parse_yaml(text: str, where: str) -> Any:
+    """A YAML value as OmegaConf reads llm-foundry's files and command line (``1e-3`` is a
+    float), with ``${...}`` kept for :func:`resolve_config`."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
     try:
-        cfg = yaml.safe_load(find_config(path)) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f'{path} is not valid YAML: {err}') from err
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f'value={text}']))['value']
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f'{where} is not valid YAML: {err}') from err
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML run config (a path or a shipped name, :func:`find_config`), apply overrides,
+    then resolve its interpolations (:func:`resolve_config`), in llm-foundry's order."""
+    cfg = _parse_yaml(find_config(path), path) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f'{path} must hold a mapping of settings at the top level.')
-    return apply_overrides(cfg, overrides)
+    return resolve_config(apply_overrides(cfg, overrides))
+
+
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return '${' in value
+    if isinstance(value, dict):
+        return any(_has_interpolation(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_interpolation(v) for v in value)
+    return False
+
+
+def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with its ``${key.sub}`` / ``${variables.name}`` interpolations resolved by OmegaConf
+    and ``variables`` dropped, as llm-foundry's train script does (``om.resolve``).
+
+    Values that are Python objects (a Stream, a loss function) are kept as they are.
+
+    Raises:
+        ConfigError: For an interpolation of a key that is not there, naming both.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    if _has_interpolation(cfg):
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.create(cfg, flags={'allow_objects': True}),
+                                         resolve=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f'Interpolation: {err}. Interpolations name a key of this config: '
+                              f'${{variables.NAME}} or ${{section.key}}.') from err
+    return {key: value for key, value in cfg.items() if key != 'variables'}
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``cfg`` with each ``a.b.c=value`` set (``value`` parsed as YAML)."""
+    """A copy of ``cfg`` with each ``a.b.c=value`` set (``value`` parsed as YAML, as OmegaConf
+    parses llm-foundry's command line; ``${...}`` is resolved afterwards, so an override may
+    interpolate and ``variables.NAME=...`` changes every use of that variable)."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if '=' not in item:
@@ -96,7 +186,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f'Override {key}: {part!r} is not a mapping.')
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_yaml(raw, f'Override {item!r}')
     return cfg
 
 
@@ -151,40 +241,91 @@ def _vocab_size(cfg: dict[str, Any], model_cfg: dict[str, Any], train_dataset: A
                       'model.vocab_size.')
 
 
-def _tokenizer(cfg: dict[str, Any]) -> Any:
+def _tokenizer(cfg: dict[str, Any], max_seq_len: int) -> Any:
     """The tokenizer ``tokenizer.name`` names (``'bytes'``, a local ``tokenizer.json`` or tokenizer
     directory), or ``None``: text samples are then tokenised with the one ``mads convert``
-    recorded beside them."""
-    name = _section(cfg, 'tokenizer').get('name')
+    recorded beside them. Of llm-foundry's ``tokenizer.kwargs``, ``model_max_length`` is
+    accepted (samples are cut to ``max_seq_len``, which it may not undercut)."""
+    section = _section(cfg, 'tokenizer')
+    unknown = sorted(set(section) - {'name', 'kwargs', 'vocab_size'})
+    if unknown:
+        raise ConfigError(f'tokenizer.{unknown[0]} is unknown: tokenizer takes name, kwargs and '
+                          f'vocab_size.')
+    kwargs = dict(section.get('kwargs') or {})
+    length = kwargs.pop('model_max_length', max_seq_len)
+    if kwargs:
+        raise ConfigError(f'tokenizer.kwargs.{sorted(kwargs)[0]} is not honoured here (only '
+                          f'model_max_length is); {FOUNDRY_ROUTE}.')
+    if isinstance(length, bool) or not isinstance(length, int) or length < max_seq_len:
+        raise ConfigError(f'tokenizer.kwargs.model_max_length={length!r} is below max_seq_len='
+                          f'{max_seq_len}: samples are cut to max_seq_len here; lower that.')
+    name = section.get('name')
     if name is None:
         return None
     from streaming_mads.tokenizer import TokenizerError, load_tokenizer
     try:
         return load_tokenizer(str(name))
     except TokenizerError as err:
-        raise ConfigError(f'tokenizer.name: {err}') from err
+        hint = '' if os.path.exists(str(name)) else (
+            f' A Hugging Face hub name is never downloaded: save that tokenizer to a folder once '
+            f'(AutoTokenizer.from_pretrained({str(name)!r}).save_pretrained(DIR)) and set '
+            f'tokenizer.name: DIR, or {FOUNDRY_ROUTE}.')
+        raise ConfigError(f'tokenizer.name: {err}{hint}') from err
+
+
+def _loader(spec: dict[str, Any], default: str) -> dict[str, Any]:
+    """A loader section with llm-foundry's ``name: text`` read as ``streaming`` (both a plain
+    StreamingDataset of token or text samples)."""
+    spec = dict(spec)
+    name = spec.get('name') or default
+    spec['name'] = 'streaming' if name == 'text' else name
+    return spec
+
+
+def _eval_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """``eval_loaders`` (a list of ``{label, ...}``) or llm-foundry's ``eval_loader`` (one set,
+    labelled ``eval``, or a list as ``eval_loaders``)."""
+    single, many = cfg.get('eval_loader'), cfg.get('eval_loaders')
+    if single is not None and many is not None:
+        raise ConfigError('Set eval_loader (one eval set, label "eval") or eval_loaders (a list '
+                          'of {label, dataset: {...}}), not both.')
+    if isinstance(single, dict):
+        return [{'label': 'eval', **single}]
+    specs = single if single is not None else (many or [])
+    key = 'eval_loader' if single is not None else 'eval_loaders'
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise ConfigError(f'{key} must be a list of {{label, dataset: {{...}}}}.')
+    return specs
 
 
 def _eval_loaders(cfg: dict[str, Any], device_batch: int, max_seq_len: int,
                   tokenizer: Any) -> list[Any]:
-    """``eval_loaders``: ``{label, batch_size, dataset, ...}`` loaders (``name`` defaults to
-    ``streaming``), evaluated for loss and perplexity."""
+    """The eval sets (:func:`_eval_specs`; ``name`` defaults to ``streaming``), evaluated for loss
+    and perplexity in batches of ``batch_size``, else ``device_eval_batch_size``, else the device
+    train batch."""
     from composer.core import Evaluator
-    specs = cfg.get('eval_loaders') or []
-    if not isinstance(specs, list):
-        raise ConfigError('eval_loaders must be a list of {label, dataset: {...}}.')
+    default_batch = _positive_int(cfg, 'device_eval_batch_size', device_batch)
     out = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
+    for i, spec in enumerate(_eval_specs(cfg)):
+        spec = _loader(spec, 'streaming')
         label = spec.pop('label', None)
         if not label:
             raise ConfigError(f'eval_loaders[{i}] needs a label.')
-        batch = spec.pop('batch_size', device_batch)
-        loader = build_dataloader({'name': 'streaming', **spec}, tokenizer, batch,
+        batch = spec.pop('batch_size', default_batch)
+        loader = build_dataloader(spec, tokenizer, batch,
                                   max_seq_len=max_seq_len, where=f'eval_loaders[{i}] ({label})')
-        out.append(Evaluator(label=label, dataloader=loader,
+        out.append(Evaluator(label=label, dataloader=loader, device_eval_microbatch_size=batch,
                              metric_names=['LanguageCrossEntropy', 'LanguagePerplexity']))
     return out
+
+
+def _pick(key: str, name: Any, classes: dict[str, Any]) -> Any:
+    """``classes[name]``; another name is an error listing them and, for what llm-foundry
+    registers beyond them, its route."""
+    if name not in classes:
+        raise ConfigError(f'{key} {name!r} is not one of {sorted(classes)}; for one registered '
+                          f'with llm-foundry, {FOUNDRY_ROUTE}.')
+    return classes[name]
 
 
 def _optimizer(cfg: dict[str, Any], model: Any) -> Any:
@@ -194,11 +335,10 @@ def _optimizer(cfg: dict[str, Any], model: Any) -> Any:
     name = opt.pop('name', 'decoupled_adamw')
     classes = {'adamw': torch.optim.AdamW, 'decoupled_adamw': DecoupledAdamW,
                'sgd': torch.optim.SGD}
-    if name not in classes:
-        raise ConfigError(f'optimizer.name {name!r} is not one of {sorted(classes)}.')
+    cls = _pick('optimizer.name', name, classes)
     if 'betas' in opt:
         opt['betas'] = tuple(opt['betas'])
-    return _call('optimizer', classes[name], {'params': model.parameters(), **opt})
+    return _call('optimizer', cls, {'params': model.parameters(), **opt})
 
 
 def _scheduler(cfg: dict[str, Any]) -> Optional[Any]:
@@ -211,29 +351,33 @@ def _scheduler(cfg: dict[str, Any]) -> Optional[Any]:
                'constant_with_warmup': optim.ConstantWithWarmupScheduler,
                'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
                'linear_with_warmup': optim.LinearWithWarmupScheduler,
+               'linear_decay_with_warmup': optim.LinearWithWarmupScheduler,  # llm-foundry's name
                'cosine': optim.CosineAnnealingScheduler}
-    if name not in classes:
-        raise ConfigError(f'scheduler.name {name!r} is not one of {sorted(classes)}.')
-    return _call('scheduler', classes[name], sched)
+    return _call('scheduler', _pick('scheduler.name', name, classes), sched)
 
 
 def _named(section: str, cfg: dict[str, Any], classes: dict[str, Any]) -> list[Any]:
     out = []
     for name, kwargs in _section(cfg, section).items():
-        if name not in classes:
-            raise ConfigError(f'{section}.{name} is not one of {sorted(classes)}.')
-        out.append(_call(f'{section}.{name}', classes[name], dict(kwargs or {})))
+        cls = _pick(f'{section}:', name, classes)
+        out.append(_call(f'{section}.{name}', cls, dict(kwargs or {})))
     return out
 
 
 def _algorithms(cfg: dict[str, Any]) -> list[Any]:
-    from streaming_mads.algorithms import ALGORITHMS as known
+    """The console or the bandit (at most one: each publishes the dataset's weights) and any
+    :data:`COMPOSER_ALGORITHMS`, each built with its section as keyword arguments."""
+    import composer.algorithms
+
+    from streaming_mads.algorithms import ALGORITHMS as ours
     algos = _section(cfg, 'algorithms')
-    unknown = set(algos) - set(known)
+    unknown = set(algos) - set(ours) - set(COMPOSER_ALGORITHMS)
     if unknown:
         raise ConfigError(f'algorithms.{sorted(unknown)[0]} is unknown: the algorithms here are '
-                          'mads_console and domain_bandit (a baseline).')
-    if len(algos) > 1:
+                          f'mads_console and domain_bandit (a baseline), and Composer\'s '
+                          f'{", ".join(sorted(COMPOSER_ALGORITHMS))}. For another algorithm '
+                          f'registered with llm-foundry, {FOUNDRY_ROUTE}.')
+    if len(set(algos) & set(ours)) > 1:
         raise ConfigError('algorithms: use one of mads_console and domain_bandit, not both (each '
                           'publishes the dataset\'s weights).')
     out = []
@@ -242,14 +386,17 @@ def _algorithms(cfg: dict[str, Any]) -> list[Any]:
         if name == 'mads_console' and 'reference' not in kwargs:
             raise ConfigError('algorithms.mads_console.reference is required (an MDS reference '
                               'set).')
-        out.append(_call(f'algorithms.{name}', known[name], kwargs))
+        cls = ours[name] if name in ours else getattr(composer.algorithms,
+                                                      COMPOSER_ALGORITHMS[name])
+        out.append(_call(f'algorithms.{name}', cls, kwargs))
     return out
 
 
 def _check_tokenizers(model: Any, train_dataset: Any, evaluators: Sequence[Any],
-                      algorithms: Sequence[Any]) -> None:
-    """Refuse mismatched tokenizers now rather than at the first console update or eval."""
-    from streaming_mads.checks import check_run
+                      algorithms: Sequence[Any], tokenizer_name: Optional[str] = None) -> None:
+    """Refuse mismatched tokenizers (the datasets', and ``tokenizer.name``'s) now rather than at
+    the first console update or eval."""
+    from streaming_mads.checks import check_run, configured_tokenizer_info
     evals = {ev.label: ev.dataloader.dataloader.dataset for ev in evaluators}
     reference = None
     for algo in algorithms:
@@ -259,27 +406,95 @@ def _check_tokenizers(model: Any, train_dataset: Any, evaluators: Sequence[Any],
             except FileNotFoundError as err:  # No reference there, or not at its split.
                 raise ConfigError(f'algorithms.{getattr(algo, "section", "mads_console")}'
                                   f'.reference: {err}') from err
-    check_run(model, train_dataset, evals, reference)
+    check_run(model, train_dataset, evals, reference, configured_tokenizer_info(tokenizer_name))
+
+
+def _check_keys(cfg: dict[str, Any]) -> None:
+    """Every top-level key is one this runs; llm-foundry's others name the llm-foundry route."""
+    for key in sorted(set(cfg) - TOP_LEVEL):
+        if key in FOUNDRY_ONLY:
+            raise ConfigError(f'{key} ({FOUNDRY_ONLY[key]}) is an llm-foundry feature mads train '
+                              f'does not run: remove it, or {FOUNDRY_ROUTE}.')
+        if key in _COMPUTED:
+            raise ConfigError(f'{key} is computed from global_train_batch_size (divided by the '
+                              f'ranks), here as in llm-foundry: remove it.')
+        raise ConfigError(f'Unknown top-level key {key!r} (your own names go under `variables:`, '
+                          f'used as ${{variables.NAME}}); known keys: {sorted(TOP_LEVEL)}.')
+    for key in REQUIRED:
+        if key not in cfg:
+            raise ConfigError(f'Missing required key {key!r}.')
+    for key in ('eval_first', 'log_config', 'flatten_metadata'):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f'{key} must be true or false, got {cfg[key]!r}.')
+
+
+def _model_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``model``: this package's fields, or llm-foundry's MPT keys (``name: mpt_causal_lm``) as
+    the same-sized GPT-2 (:func:`streaming_mads.models.mpt_to_gpt2`; what runs differently is
+    warned about, what cannot run here is refused with the llm-foundry route)."""
+    from streaming_mads.models import MPT_NAME, mpt_to_gpt2
+    name = model_cfg.pop('name', None)
+    if name is None:
+        return model_cfg
+    if name != MPT_NAME:
+        raise ConfigError(f'model.name {name!r}: mads train builds {MPT_NAME} (as a GPT-2 of its '
+                          f'sizes) or a model from `preset` / `family` (no name); for other '
+                          f'llm-foundry models, {FOUNDRY_ROUTE}.')
+    try:
+        fields, notes = mpt_to_gpt2(model_cfg)
+    except ValueError as err:
+        raise ConfigError(f'{err} For this MPT, {FOUNDRY_ROUTE}.') from err
+    for note in notes:
+        warnings.warn(f'{note} For the MPT itself, {FOUNDRY_ROUTE}.', stacklevel=3)
+    return fields
+
+
+def _parallelism(cfg: dict[str, Any], world: int) -> Optional[dict[str, Any]]:
+    """``fsdp_config`` for Composer; dropped with a warning on one process, as llm-foundry does
+    (there is nothing to shard across)."""
+    if not cfg.get('fsdp_config'):
+        return None
+    if world == 1:
+        warnings.warn('fsdp_config is not applicable to a single process: training without '
+                      'FSDP, as llm-foundry does.', stacklevel=3)
+        return None
+    return {'fsdp': cfg['fsdp_config']}
+
+
+def _log_config(trainer: Any, cfg: dict[str, Any]) -> None:
+    """llm-foundry's ``log_config`` (default on): the resolved config as hyperparameters, with
+    ``metadata`` merged in (``flatten_metadata``, default on) or kept as one key."""
+    if not cfg.get('log_config', True):
+        return
+    logged = copy.deepcopy(cfg)
+    metadata = logged.get('metadata') or {}
+    if not isinstance(metadata, dict):
+        raise ConfigError('metadata must be a mapping of names to values.')
+    if cfg.get('flatten_metadata', True) and metadata:
+        logged.pop('metadata')
+        clash = sorted(set(metadata) & set(logged))
+        if clash:
+            raise ConfigError(f'metadata.{clash[0]} is also a config key: rename it or set '
+                              f'flatten_metadata: false.')
+        logged.update(metadata)
+    trainer.logger.log_hyperparameters(logged)
 
 
 def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
                   extra_callbacks: Sequence[Any] = ()) -> Any:
     """A Composer ``Trainer`` for the run config ``cfg`` (see the module docstring)."""
+    import torch
     from composer import Trainer, callbacks, loggers
     from composer.utils import dist, reproducibility
 
     from streaming_mads.models import build_causal_lm
 
-    unknown = set(cfg) - TOP_LEVEL
-    if unknown:
-        raise ConfigError(f'Unknown top-level key {sorted(unknown)[0]!r}; known keys: '
-                          f'{sorted(TOP_LEVEL)}.')
-    for key in REQUIRED:
-        if key not in cfg:
-            raise ConfigError(f'Missing required key {key!r}.')
+    cfg = resolve_config(cfg)
+    _check_keys(cfg)
     seed = _positive_int(cfg, 'seed', 17)
     reproducibility.seed_all(seed)
-    device = cfg.get('device', 'cpu')
+    # As Composer and llm-foundry choose it when the YAML does not say.
+    device = cfg.get('device') or ('gpu' if torch.cuda.is_available() else 'cpu')
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(device, timeout=float(cfg.get('dist_timeout', 300)))
     world = dist.get_world_size()
@@ -289,20 +504,27 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
                           f'{world} ranks.')
     device_batch = global_batch // world
     max_seq_len = _positive_int(cfg, 'max_seq_len')
-    model_cfg = _section(cfg, 'model', required=True)
+    model_cfg = _model_fields(_section(cfg, 'model', required=True))
     # The data first: the model's default vocabulary is the one recorded beside it.
-    tokenizer = _tokenizer(cfg)
-    train_loader = build_dataloader(_section(cfg, 'train_loader', required=True), tokenizer,
-                                    device_batch, max_seq_len=max_seq_len)
+    tokenizer = _tokenizer(cfg, max_seq_len)
+    train_loader = build_dataloader(_loader(_section(cfg, 'train_loader', required=True), 'mads'),
+                                    tokenizer, device_batch, max_seq_len=max_seq_len)
     train_dataset = train_loader.dataloader.dataset
     vocab = _vocab_size(cfg, model_cfg, train_dataset, tokenizer)
     preset = model_cfg.pop('preset', None if 'family' in model_cfg else 'tiny')
-    model = _call('model', build_causal_lm, {'vocab_size': vocab, 'max_seq_len': max_seq_len,
+    positions = model_cfg.pop('max_seq_len', max_seq_len)
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < max_seq_len:
+        raise ConfigError(f'model.max_seq_len={positions!r} must be a whole number of at least '
+                          f'the run\'s max_seq_len={max_seq_len}.')
+    model = _call('model', build_causal_lm, {'vocab_size': vocab, 'max_seq_len': positions,
                                              'preset': preset, 'seed': seed, **model_cfg})
     evaluators = _eval_loaders(cfg, device_batch, max_seq_len, tokenizer)
+    if cfg.get('eval_first') and not evaluators:
+        raise ConfigError('eval_first: true needs an eval set (eval_loader or eval_loaders).')
     algorithms = _algorithms(cfg)
-    _check_tokenizers(model, train_dataset, evaluators, algorithms)
-    parallelism = {'fsdp': cfg['fsdp_config']} if cfg.get('fsdp_config') else None
+    _check_tokenizers(model, train_dataset, evaluators, algorithms,
+                      _section(cfg, 'tokenizer').get('name'))
+    parallelism = _parallelism(cfg, world)
     logger_classes = {'file': loggers.FileLogger, 'tensorboard': loggers.TensorboardLogger,
                       'wandb': loggers.WandBLogger, 'mlflow': loggers.MLFlowLogger,
                       'inmemory': loggers.InMemoryLogger}
@@ -311,6 +533,10 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
                         'runtime_estimator': callbacks.RuntimeEstimator,
                         'optimizer_monitor': callbacks.OptimizerMonitor}
     scheduler = _scheduler(cfg)
+    # Progress shows by default: on a terminal as a bar, elsewhere (log files, CI, captured output)
+    # as Composer's metric lines; both at once garble each other. The console prints its own line
+    # per update either way.
+    bar = cfg.get('progress_bar', _on_terminal())
     kwargs = dict(
         run_name=cfg.get('run_name'), model=model, train_dataloader=train_loader,
         eval_dataloader=evaluators or None, eval_interval=cfg.get('eval_interval', 1),
@@ -321,18 +547,49 @@ def build_trainer(cfg: dict[str, Any], extra_loggers: Sequence[Any] = (),
         callbacks=_named('callbacks', cfg, callback_classes) + list(extra_callbacks),
         device=device, precision=cfg.get('precision', 'fp32'),
         device_train_microbatch_size=cfg.get('device_train_microbatch_size', device_batch),
-        progress_bar=cfg.get('progress_bar', False), log_to_console=cfg.get('log_to_console', True),
+        progress_bar=bar, log_to_console=cfg.get('log_to_console', not bar),
         console_log_interval=cfg.get('console_log_interval', '10ba'), seed=seed,
         save_folder=cfg.get('save_folder'), save_interval=cfg.get('save_interval', '1ep'),
         save_num_checkpoints_to_keep=cfg.get('save_num_checkpoints_to_keep', -1),
         save_overwrite=cfg.get('save_overwrite', False), load_path=cfg.get('load_path'),
         autoresume=cfg.get('autoresume', False), parallelism_config=parallelism,
-        python_log_level=cfg.get('python_log_level'))
-    return _call('trainer', Trainer, kwargs)
+        python_log_level=cfg.get('python_log_level'),
+        **{key: cfg[key] for key in TRAINER_KEYS if key in cfg})
+    trainer = _call('trainer', Trainer, kwargs)
+    _log_config(trainer, cfg)
+    return trainer
+
+
+def _on_terminal() -> bool:
+    """Whether stderr, Composer's console stream, is a terminal (its progress bar needs one: it
+    fails on a stream without a file descriptor, and fills a log file with redrawn bars)."""
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _history_in_run_folder(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``mads train`` keeps the console's weight history in the run folder: the console writes
+    it into a local ``save_folder`` by itself; without one, into ``<run_name>/`` (``history`` set
+    in the YAML wins). docs/configuration.md, "Weight history"."""
+    from streaming_mads.console.history import HISTORY_FILE
+    from streaming_mads.remote import is_url
+    save, algos = cfg.get('save_folder'), cfg.get('algorithms')
+    if (save and not is_url(str(save))) or not isinstance(algos, dict):
+        return cfg
+    for name in ('mads_console', 'domain_bandit'):
+        if name in algos and isinstance(algos[name] or {}, dict):
+            algos[name] = {'history': f'{{run_name}}/{HISTORY_FILE}', **(algos[name] or {})}
+    return cfg
 
 
 def train(config: str, overrides: Sequence[str] = ()) -> Any:
-    """Build the Trainer for ``config`` (with overrides), fit it, and return it."""
-    trainer = build_trainer(load_config(config, overrides))
+    """Build the Trainer for ``config`` (with overrides), evaluate first if ``eval_first`` (and
+    not resuming past batch 0, as llm-foundry), fit it, and return it."""
+    cfg = _history_in_run_folder(load_config(config, overrides))
+    trainer = build_trainer(cfg)
+    if cfg.get('eval_first') and int(trainer.state.timestamp.batch) == 0:
+        trainer.eval()
     trainer.fit()
     return trainer

@@ -154,6 +154,34 @@ class Agent:
         self.memory = multiplicative_update(self.memory, value_rewards, lr, floor, cap)
         return self.memory
 
+    def settle(self, effects: NDArray, strength: float, floor: float,
+               cap: float) -> NDArray[np.float64]:
+        """Set the memory to the prior moved by accumulated evidence: ``w ∝ w₀ · exp(strength ·
+        effects)``, renormalised to mean 1 and clipped (the console's ``evidence`` rule).
+
+        Unlike :meth:`update` nothing of earlier updates is kept but the prior: the effects are
+        already the gated estimate from every probe so far
+        (:func:`streaming_mads.console.rewards.evidence_effects`), so the memory moves only as
+        far as that evidence supports, and with none it is the agent's ``init``.
+
+        Args:
+            effects (NDArray): Gated effect of each label value (standardised reward units).
+            strength (float): ``memory_strength``: log-weight per unit of effect.
+            floor (float): ``memory_floor``.
+            cap (float): ``memory_cap``.
+        """
+        self.memory = multiplicative_update(self.prior_memory(), effects, strength, floor, cap)
+        return self.memory
+
+    def prior_memory(self) -> NDArray[np.float64]:
+        """The memory before any evidence: ones, the ``init`` weights, or ``1 / frequency``
+        scaled to mean 1 (``balanced``)."""
+        if self.balanced:
+            # Weights 1/p_k: at temperature 1 every value is kept equally often (stratified).
+            inv = 1.0 / np.maximum(self.freq, 1)
+            return inv / inv.mean()
+        return np.ones(len(self.value_names)) if self.init is None else self.init.copy()
+
     def _check_kind(self, store: LabelStore) -> Any:
         info = store.info(self.column)
         if info.kind != self.kind:
@@ -168,12 +196,7 @@ class Agent:
         if self.init is not None and len(self.init) != len(self.value_names):
             raise ValueError(f'Agent {self.name!r}: `init` has {len(self.init)} weights for '
                              f'{len(self.value_names)} label values {list(self.value_names)}.')
-        if self.balanced:
-            # Weights 1/p_k: at temperature 1 every value is kept equally often (stratified).
-            inv = 1.0 / np.maximum(self.freq, 1)
-            self.memory = inv / inv.mean()
-        else:
-            self.memory = np.ones(len(self.value_names)) if self.init is None else self.init.copy()
+        self.memory = self.prior_memory()
 
     def state_dict(self) -> dict[str, Any]:
         """Memory and the label values it refers to (checked on load)."""

@@ -29,8 +29,10 @@ from numpy.typing import NDArray
 from streaming_mads.selection.agents import Agent, AgentSpec, build_agent, build_agents
 from streaming_mads.selection.board import Weights, WeightBoard
 from streaming_mads.labels import LabelStore, StreamLabels, fetch_labels
+from streaming_mads.mds_formats import SampleDecoder
 from streaming_mads.selection.pools import batch_in_epoch
 from streaming_mads.selection.step import gather_label_ids, pool_selections, version_tables
+from streaming_mads.remote import join_path
 from streaming_mads.settings import check_number
 from streaming_mads.streaming_internals import (SelectingStreamingDataset, check_streaming,
                                                 shared_memory_name)
@@ -85,6 +87,12 @@ class MADSDataset(SelectingStreamingDataset):
             ranks sharing the work), refusing modified or damaged ones by stream and name
             (Streaming checks only what it downloads, given ``validate_hash``). Defaults to
             ``False``.
+        tokens_column (str): Column of token ids. Where it holds llm-foundry's legacy ``bytes``
+            ids, each sample yields them decoded, as an int64 array (text and array samples are
+            yielded as stored). Defaults to ``'tokens'``.
+        token_encoding_type (str): Dtype of legacy ``bytes`` ids, llm-foundry's setting of that
+            name (``int8`` ... ``uint64``, see docs/bring-your-own-mds.md). Defaults to
+            ``'int64'``.
         **kwargs: Every other :class:`streaming.StreamingDataset` argument.
     """
 
@@ -98,6 +106,8 @@ class MADSDataset(SelectingStreamingDataset):
                  version_timeout: float = 600.0,
                  board_capacity: int = 16,
                  verify_shards: bool = False,
+                 tokens_column: str = 'tokens',
+                 token_encoding_type: str = 'int64',
                  **kwargs: Any) -> None:
         batch_size = int(check_number(batch_size, 'MADSDataset batch_size', integer=True, low=1,
                                       hint='It is the device batch size, as given to the '
@@ -121,6 +131,9 @@ class MADSDataset(SelectingStreamingDataset):
         if not isinstance(verify_shards, bool):
             raise TypeError(f'MADSDataset verify_shards must be true or false, got '
                             f'{verify_shards!r}.')
+        self.sample_decoder = SampleDecoder(tokens_column=tokens_column,
+                                            token_encoding_type=token_encoding_type,
+                                            setting='MADSDataset token_encoding_type')
         super().__init__(batch_size=pool_size, **kwargs)
         check_streaming(self)
         self.check_shard_files()  # Before any shard download: the index names are untrusted.
@@ -161,7 +174,9 @@ class MADSDataset(SelectingStreamingDataset):
             split_dir = os.path.join(stream.local, stream.split or '')
             fetch_labels(stream)
             name = stream.remote or stream.local
-            streams.append(StreamLabels(split_dir, int(self.samples_per_stream[stream_id]), name))
+            source = join_path(stream.remote, stream.split or '') if stream.remote else None
+            streams.append(StreamLabels(split_dir, int(self.samples_per_stream[stream_id]), name,
+                                        source))
         return LabelStore(streams, self.sample_offset_per_stream)
 
     def label_ids(self, sample_ids: NDArray[np.int64]) -> list[NDArray[np.int64]]:
@@ -252,6 +267,22 @@ class MADSDataset(SelectingStreamingDataset):
                              f'{self.device_batch_size}, pool of {self.pool_size}: resume with the '
                              'same batch_size and pool_ratio.')
         super().load_state_dict(obj)
+
+    # -- samples ---------------------------------------------------------------------------
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """The sample, with legacy ``bytes`` token ids decoded (naming the sample and its shard
+        if they are not a whole number of ``token_encoding_type`` ids)."""
+        sample = super().get_item(sample_id, retry)
+        column = self.sample_decoder.tokens_column
+        value = sample.get(column) if isinstance(sample, dict) else None
+        if isinstance(value, bytes):
+            shard_id, _ = self.spanner[sample_id]
+            stream = self.streams[int(self.stream_per_shard[shard_id])]
+            where = (f'sample {sample_id} (shard {self.shards[shard_id].file_pairs[0][0].basename}'
+                     f' of stream {stream.remote or stream.local})')
+            sample[column] = self.sample_decoder.token_ids(value, where)
+        return sample
 
     # -- selection in the workers ----------------------------------------------------------
 
