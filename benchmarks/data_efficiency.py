@@ -67,7 +67,7 @@ import numpy as np
 
 from streaming_mads.run.demo import (costs_to_reach, prepare_data, quiet, run_process_init, train_run,
                                  train_wall)
-from streaming_mads.run.train import apply_overrides, load_config
+from streaming_mads.run.config import apply_overrides, load_config
 
 QUALITY_FINE = [0.5 * i for i in range(1, 10)]  # 10 bins over 0-5
 SIMILARITY_FINE = [round(0.05 * i, 2) for i in range(1, 20)]  # 20 bins over the percentile

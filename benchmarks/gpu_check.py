@@ -60,7 +60,7 @@ class Sizes:
 
 
 def sizes(smoke: bool) -> Sizes:
-    from streaming_mads.run.train import load_config
+    from streaming_mads.run.config import load_config
     cfg = load_config(os.path.join(ROOT, 'yamls', 'gpu-125m.yaml'))
     console = {k: v for k, v in cfg['algorithms']['mads_console'].items()
                if not k.startswith('reference') or k == 'reference_size'}
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument('--cpu-smoke', action='store_true', help='tiny sizes on the CPU')
     args = parser.parse_args()
     s = sizes(args.cpu_smoke)
-    from streaming_mads.run.train import load_config
+    from streaming_mads.run.config import load_config
     cfg = load_config(os.path.join(ROOT, 'yamls', 'gpu-125m.yaml'))
     cfg_1b = load_config(os.path.join(ROOT, 'yamls', 'gpu-1b.yaml'))
     micro = 4 if args.cpu_smoke else cfg['device_train_microbatch_size']

@@ -104,7 +104,7 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path, capsys):
     assert os.path.getmtime(os.path.join(cache, entry, 'paths.json')) == stamp
     # mads demo's rule uses the same count: candidates = pool ratio x batches x batch size.
     from streaming_mads.run.demo import corpus_read_ratio
-    from streaming_mads.run.train import apply_overrides, load_config
+    from streaming_mads.run.config import apply_overrides, load_config
     cfg = apply_overrides(load_config('quickstart-cpu.yaml'), ['max_duration=12ba'])
     samples, read = corpus_read_ratio(paths['data'], cfg)
     assert samples == regime['corpus_samples']

@@ -16,8 +16,8 @@ import pytest
 import torch
 from lm_corpus import VOCAB, write_corpus, write_reference
 
-from streaming_mads.run.train import (FOUNDRY_ROUTE, ConfigError, build_trainer, load_config,
-                                      train)
+from streaming_mads.run.train import ConfigError, build_trainer, train
+from streaming_mads.run.config import FOUNDRY_ROUTE, load_config
 
 YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'mpt-125m-tiny.yaml')
 ROUTE = 'composer llmfoundry/scripts/train/train.py'

@@ -169,7 +169,7 @@ def test_composer_fsdp_run_with_the_console(tmp_path) -> None:
 def test_gpu_yamls_shard_with_fsdp(name: str) -> None:
     from composer.utils.parallelism import FSDPConfig
 
-    from streaming_mads.run.train import load_config
+    from streaming_mads.run.config import load_config
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'yamls', name))
     fsdp = FSDPConfig(**cfg['fsdp_config'])  # Composer accepts every key.
     assert fsdp.sharding_strategy == 'FULL_SHARD' and fsdp.use_orig_params

@@ -14,7 +14,7 @@ from lm_corpus import write_reference
 from streaming import MDSWriter
 
 from streaming_mads.run.cli import main
-from streaming_mads.run.train import load_config
+from streaming_mads.run.config import load_config
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 

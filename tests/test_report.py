@@ -15,7 +15,8 @@ from lm_corpus import write_corpus, write_reference
 from streaming_mads.console.history import (HISTORY_FILE, History, read_history, update_line,
                                             weights_record)
 from streaming_mads.run.cli import main
-from streaming_mads.run.train import load_config, train
+from streaming_mads.run.train import train
+from streaming_mads.run.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'yamls', 'quickstart-cpu.yaml')

@@ -13,7 +13,8 @@ import torch
 from lm_corpus import write_corpus, write_reference
 
 from streaming_mads.run.cli import main
-from streaming_mads.run.train import ConfigError, build_trainer, load_config
+from streaming_mads.run.train import ConfigError, build_trainer
+from streaming_mads.run.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'yamls', 'quickstart-cpu.yaml')
@@ -154,7 +155,7 @@ def test_gpu_yamls_only_use_known_settings(name):
     from streaming_mads.algorithms import AgentConsole
     from streaming_mads import MADSDataset
     from streaming_mads.models import PRESETS
-    from streaming_mads.run.train import TOP_LEVEL
+    from streaming_mads.run.config import TOP_LEVEL
 
     cfg = load_config(os.path.join(ROOT, 'yamls', name))
     assert set(cfg) <= TOP_LEVEL
@@ -187,7 +188,7 @@ def test_a_reference_without_its_split_is_a_config_error(corpus, capsys):
 def test_every_shipped_yaml_evaluates_on_a_set_the_console_never_sees(name):
     """Each YAML evaluates on the reference and on a held-out set other than it, so a run can
     tell fitting the reference from learning what it stands for."""
-    from streaming_mads.run.train import shipped_configs
+    from streaming_mads.run.config import shipped_configs
     assert name in shipped_configs()
     cfg = load_config(name)
     reference = (cfg.get('algorithms') or {}).get('mads_console', {}).get('reference') or \

@@ -74,7 +74,7 @@ def test_installed_package_runs_from_the_wheel(installed, tmp_path):
     _, target = installed
     probe = (
         'import importlib.metadata as md, os, streaming_mads, streaming_mads.algorithms as a\n'
-        'from streaming_mads.run.train import load_config, shipped_configs\n'
+        'from streaming_mads.run.config import load_config, shipped_configs\n'
         f'target = {str(target)!r}\n'
         'assert streaming_mads.__file__.startswith(target), streaming_mads.__file__\n'
         'assert a.__file__.startswith(target), a.__file__\n'
@@ -105,6 +105,7 @@ def test_console_script_from_the_wheel(installed, tmp_path):
 
 
 def test_missing_config_names_the_shipped_ones(tmp_path):
-    from streaming_mads.run.train import ConfigError, load_config
+    from streaming_mads.run.train import ConfigError
+    from streaming_mads.run.config import load_config
     with pytest.raises(ConfigError, match='quickstart-cpu.yaml'):
         load_config(str(tmp_path / 'quickstart-cpux.yaml'))

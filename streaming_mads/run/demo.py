@@ -199,7 +199,8 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str],
     from composer.loggers import InMemoryLogger
 
     from streaming_mads.console.history import read_history
-    from streaming_mads.run.train import apply_overrides, build_trainer, load_config
+    from streaming_mads.run.train import build_trainer
+    from streaming_mads.run.config import apply_overrides, load_config
 
     cfg = load_config(yaml_name)
     cfg['train_loader']['dataset']['local'] = paths['data']
@@ -367,7 +368,7 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
         paths = prepare_data(out, code_bytes, seq_len, vocab_size, progress)
         with open(paths_file, 'w') as f:
             json.dump(paths, f)
-    from streaming_mads.run.train import apply_overrides, load_config
+    from streaming_mads.run.config import apply_overrides, load_config
     budget = budget or DEMO_BUDGET
     common = [f'max_duration={budget}']
     samples, read = corpus_read_ratio(paths['data'], apply_overrides(
