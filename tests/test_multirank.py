@@ -9,6 +9,7 @@ import socket
 import sys
 
 import numpy as np
+import pytest
 from conftest import label_arrays
 
 B, R, INTERVAL = 4, 3, 5
@@ -134,11 +135,15 @@ def _reference_samples(n: int) -> list:
     return [{'tokens': pattern(rng).astype(np.int32)} for _ in range(n)]
 
 
-def _gradient_rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _three_rank_main(rank: int, world: int, port: int, data: str, ref: str, out: str) -> None:
+    """Both three-rank checks in one spawn (starting three interpreters costs more than either):
+    the reference gradient by hand over gloo, then a Composer run with the console, which reuses
+    the process group."""
     _env(rank, world, port)
     import torch
     import torch.distributed as dist
-    from lm_corpus import SEQ, VOCAB
+    from composer.loggers import InMemoryLogger
+    from lm_corpus import SEQ, VOCAB, make_trainer
 
     from streaming_mads.collate import TokenCollator
     from streaming_mads.influence import reference_gradient
@@ -150,35 +155,6 @@ def _gradient_rank_main(rank: int, world: int, port: int, out: str) -> None:
         grad = reference_gradient(model, TokenCollator()(share) if share else None,
                                   num_samples=size)
         torch.save([g for g in grad.values()], os.path.join(out, f'grad{size}-{rank}.pt'))
-    dist.destroy_process_group()
-
-
-SIZES = (2, 4)
-
-
-def test_three_ranks_reference_gradient_is_the_exact_mean(tmp_path):
-    import torch
-    from lm_corpus import SEQ, VOCAB
-
-    from streaming_mads.collate import TokenCollator
-    from streaming_mads.influence import reference_gradient
-    from streaming_mads.models import build_causal_lm
-    _spawn(_gradient_rank_main, 3, (str(tmp_path),), timeout=120)
-    model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=3, n_embd=32)
-    for size in SIZES:
-        batch = TokenCollator()(_reference_samples(size))
-        expected = list(reference_gradient(model, batch).values())
-        for rank in range(3):
-            got = torch.load(os.path.join(tmp_path, f'grad{size}-{rank}.pt'))
-            assert len(got) == len(expected)
-            for g, e in zip(got, expected):
-                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
-
-
-def _console_three_main(rank: int, world: int, port: int, data: str, ref: str, out: str) -> None:
-    _env(rank, world, port)
-    from composer.loggers import InMemoryLogger
-    from lm_corpus import make_trainer
 
     mem = InMemoryLogger()
     trainer, algo, _ = make_trainer(data, ref, max_duration='14ba', num_workers=1, loggers=[mem],
@@ -190,13 +166,41 @@ def _console_three_main(rank: int, world: int, port: int, data: str, ref: str, o
                    'candidates': [v for _, v in mem.data['mads/probe_candidates']]}, f)
 
 
-def test_three_ranks_more_than_reference_and_probe_size(tmp_path):
+SIZES = (2, 4)
+
+
+@pytest.fixture(scope='module')
+def three_ranks(tmp_path_factory):
+    """What each of three gloo ranks computed (:func:`_three_rank_main`)."""
+    from lm_corpus import write_corpus, write_reference
+    tmp = str(tmp_path_factory.mktemp('three-ranks'))
+    data = write_corpus(os.path.join(tmp, 'data'))
+    ref = write_reference(os.path.join(tmp, 'ref'))
+    _spawn(_three_rank_main, 3, (data, ref, tmp))
+    return tmp
+
+
+def test_three_ranks_reference_gradient_is_the_exact_mean(three_ranks):
+    import torch
+    from lm_corpus import SEQ, VOCAB
+
+    from streaming_mads.collate import TokenCollator
+    from streaming_mads.influence import reference_gradient
+    from streaming_mads.models import build_causal_lm
+    model = build_causal_lm(VOCAB, SEQ, 'tiny', seed=3, n_embd=32)
+    for size in SIZES:
+        batch = TokenCollator()(_reference_samples(size))
+        expected = list(reference_gradient(model, batch).values())
+        for rank in range(3):
+            got = torch.load(os.path.join(three_ranks, f'grad{size}-{rank}.pt'))
+            assert len(got) == len(expected)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_three_ranks_more_than_reference_and_probe_size(three_ranks):
     # World 3 > reference_size 2 and probe_size 2: a rank has no reference sample and at least
     # one has no probe, yet every rank takes part in every collective and ends identical.
-    from lm_corpus import write_corpus, write_reference
-    data = write_corpus(os.path.join(tmp_path, 'data'))
-    ref = write_reference(os.path.join(tmp_path, 'ref'))
-    _spawn(_console_three_main, 3, (data, ref, str(tmp_path)))
-    a, b, c = (json.load(open(os.path.join(tmp_path, f'rank{r}.json'))) for r in range(3))
+    a, b, c = (json.load(open(os.path.join(three_ranks, f'rank{r}.json'))) for r in range(3))
     assert a == b == c and len(a['candidates']) == 2 and min(a['candidates']) > 0
     assert a['agents'][1]['memory'] != [1.0, 1.0, 1.0]  # The updates moved the weights.

@@ -117,17 +117,17 @@ def test_two_processes_under_composer_launcher(corpus, tmp_path):
 
 def test_demo_pipeline_on_a_reduced_budget(tmp_path):
     from streaming_mads.run.demo import run_demo
-    from streaming_mads.corpora.demo import DOMAINS, build_demo_text
+    from streaming_mads.corpora.demo import DOMAINS
 
-    text = build_demo_text(os.path.join(tmp_path, 'text'), code_bytes=100_000)
-    for domain in DOMAINS:
-        assert len(os.listdir(text.train[domain])) > 5, domain
-    assert len(os.listdir(text.reference)) > 5 and len(os.listdir(text.evaluation)) > 5
-    assert not set(os.listdir(text.reference)) & set(os.listdir(text.evaluation))
     out = os.path.join(tmp_path, 'demo')
     results = run_demo(out, budget='12ba', code_bytes=150_000, seq_len=64, vocab_size=512,
                        progress=False, overrides=['algorithms.mads_console.update_interval=5',
                                                   'eval_interval=6ba'])
+    text = os.path.join(out, 'text')  # The corpus it built: every domain, disjoint target sets.
+    for domain in DOMAINS:
+        assert len(os.listdir(os.path.join(text, 'train', domain))) > 5, domain
+    reference, evaluation = (os.listdir(os.path.join(text, s)) for s in ('reference', 'evaluation'))
+    assert len(reference) > 5 and len(evaluation) > 5 and not set(reference) & set(evaluation)
     assert results['mads']['batches'] == results['uniform']['batches'] == 12
     assert results['mads']['tokens'] == results['uniform']['tokens']
     assert set(results['mads']['eval']) >= {'reference', 'evaluation'} | \
