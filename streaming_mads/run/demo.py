@@ -379,8 +379,11 @@ def run_demo(out: str = 'mads-demo', budget: Optional[str] = None, code_bytes: i
                          f'samples. Use a smaller budget, or rebuild a larger corpus (mads demo '
                          f'--rebuild; code_bytes).')
     _say(f'MADS reads {read} candidates, {read / samples:.2f} of the corpus ({samples} samples)')
+    # The demo prints the console's lines and its own results: Composer's metric dump (its
+    # default where the output is not a terminal) would bury them.
+    common.append('log_to_console=false')
     if not progress:
-        common += ['progress_bar=false', 'log_to_console=false']
+        common.append('progress_bar=false')
     common.append('scheduler.t_warmup=' + str(max(1, int(budget.rstrip('ba')) // 20)) + 'ba')
     _say('training MADS (quickstart-cpu.yaml)')
     mads = train_run('quickstart-cpu.yaml', paths, common + list(overrides),
