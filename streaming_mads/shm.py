@@ -85,6 +85,13 @@ def _kind(rest: str) -> Optional[str]:
     return 'streaming' if rest in streaming_segment_names() else None
 
 
+def _need_proc(proc: str, what: str) -> None:
+    """Refuse where ``proc`` cannot tell who ``what`` (no proc file system: not Linux)."""
+    if not os.path.isdir(os.path.join(proc, str(os.getpid()))):
+        raise CleanShmError(f'mads clean-shm reads who {what} from {proc}, which this system does '
+                            'not have (Linux only).')
+
+
 def _users(shm_dir: str, proc: str) -> dict[str, set[int]]:
     """For each name in ``shm_dir``: the processes mapping it or holding it open."""
     where = os.path.realpath(shm_dir).rstrip('/') + '/'
@@ -132,9 +139,7 @@ def find_groups(shm_dir: str = SHM_DIR, proc: str = '/proc',
     """
     if not os.path.isdir(shm_dir):
         return []
-    if not os.path.isdir(os.path.join(proc, str(os.getpid()))):
-        raise CleanShmError(f'mads clean-shm reads who uses a segment from {proc}, which this '
-                            'system does not have (Linux only).')
+    _need_proc(proc, 'uses a segment')
     only = None if prefixes is None else set(prefixes)
     groups: dict[int, SegmentGroup] = {}
     kinds: dict[str, str] = {}
@@ -222,9 +227,7 @@ def clean_filelocks(dry_run: bool = False, tmp_dir: Optional[str] = None,
             found.append((parsed[0], name))
     if not found:
         return []
-    if not os.path.isdir(os.path.join(proc, str(os.getpid()))):
-        raise CleanShmError(f'mads clean-shm reads who holds a lock file from {proc}, which this '
-                            'system does not have (Linux only).')
+    _need_proc(proc, 'holds a lock file')
     live = set()
     if os.path.isdir(shm_dir):
         for name in os.listdir(shm_dir):
