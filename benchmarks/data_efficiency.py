@@ -105,6 +105,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     'mads-adam': ('quickstart-cpu.yaml', ['algorithms.mads_console.reward=adam']),
     'mads-no-repeat': ('quickstart-cpu.yaml', ['algorithms.mads_console.repeat_penalty=0']),
     'mads-no-shrink': ('quickstart-cpu.yaml', ['algorithms.mads_console.value_prior=0.001']),
+    # The evidence rule (docs/architecture.md "The evidence rule") against the paper's.
+    'mads-evidence': ('quickstart-cpu.yaml', ['algorithms.mads_console.rule=evidence']),
 }
 #: The headline arms, 5 seeds each in the full run; the static filters and the console's
 #: ablations run on request (``--arms``), to keep a corpus' full run within an hour on 2 cores.
