@@ -137,8 +137,9 @@ TUNE_GRID = {'train_loader.dataset.pool_ratio': [2, 4],
              'algorithms.mads_console.update_interval': [20, 40],
              'algorithms.mads_console.probe_size': [32, 64]}
 TUNE_SEED = 100
-#: Processes a run keeps busy: the trainer and its DataLoader worker.
-WORKERS = 2
+#: Cores' worth of CPU that other processes may use during a run (averaged over the run) before
+#: its wall time is flagged as not an idle machine's.
+OTHER_CPU = 0.25
 
 
 def _int_clock(run: dict[str, Any]) -> dict[str, Any]:
@@ -315,19 +316,50 @@ def fraction_read(arms: list[str], extra: list[str], batches: int, corpus_sample
     return out
 
 
-def busy_machine(workers: int = WORKERS) -> Optional[str]:
-    """A warning when the machine runs more than the benchmark (load average over its workers):
-    wall times measured then are not the benchmark's."""
+def machine_cpu_s() -> Optional[float]:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``; ``None``
+    elsewhere)."""
     try:
-        load = os.getloadavg()[0]
-    except OSError:
+        with open('/proc/stat') as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
         return None
-    cores = os.cpu_count() or 1
-    if load > workers:
-        return (f'load average {load:.1f} exceeds the benchmark\'s {workers} processes on '
-                f'{cores} cores: other work is running, wall times and console shares are not '
-                f'measured on an idle machine')
-    return None
+    # user, nice, system, (idle, iowait), irq, softirq, steal.
+    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf('SC_CLK_TCK')
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its finished runs (each run's process, its DataLoader
+    workers included, is waited for, so its time is counted here)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherWork:
+    """Whether processes other than the benchmark's used the CPU during a span: the machine's
+    busy CPU time minus the benchmark's own, per second of wall time. A load average cannot
+    tell: the benchmark's own trainer threads and DataLoader worker put it above the core count
+    on an idle machine."""
+
+    def __init__(self) -> None:
+        self.start = (machine_cpu_s(), own_cpu_s(), time.perf_counter())
+
+    def cores(self) -> Optional[float]:
+        """Cores' worth of CPU other processes used since the span began (``None`` without
+        ``/proc/stat``)."""
+        machine0, own0, t0 = self.start
+        machine1, wall = machine_cpu_s(), time.perf_counter() - t0
+        if machine0 is None or machine1 is None or wall <= 0:
+            return None
+        return max(machine1 - machine0 - (own_cpu_s() - own0), 0.0) / wall
+
+    def warning(self) -> Optional[str]:
+        """A warning when others used more than :data:`OTHER_CPU` cores on average."""
+        other = self.cores()
+        if other is None or other <= OTHER_CPU:
+            return None
+        return (f'other processes used {other:.2f} of {os.cpu_count()} cores during a run: wall '
+                f'times and console shares are not measured on an idle machine')
 
 
 # --- Statistics ------------------------------------------------------------------------------
@@ -609,7 +641,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if max(fraction.values()) > 0.25 and not args.quick:
         warnings.warn(f'an arm reads {max(fraction.values()):.2f} of the corpus: the regime keeps '
                       f'it under 0.25 (docs/results.md, "Benchmark regime")')
-    busy = [w for w in [busy_machine()] if w]
+    probe = OtherWork()
+    time.sleep(1.0)
+    busy = [w for w in [probe.warning()] if w]
     for w in busy:
         print(f'[data-efficiency] WARNING: {w}', flush=True)
     if args.tune:
@@ -644,9 +678,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 shutil.rmtree(checkpoints, ignore_errors=True)
                 run_overrides += [f'save_folder={checkpoints}', f'save_interval={args.budget}',
                                   'save_num_checkpoints_to_keep=1']
-            busy += [w for w in [busy_machine()] if w]
-            t0 = time.perf_counter()
+            t0, span = time.perf_counter(), OtherWork()
             res = isolated_run(yaml_name, paths, run_overrides)
+            busy += [w for w in [span.warning()] if w]
             runs[arm].append(res)
             with open(partial, 'w') as f:  # A crash later loses nothing (--resume).
                 json.dump(runs, f)

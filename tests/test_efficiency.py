@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -56,10 +58,23 @@ def test_paired_gap_and_its_standard_error():
     assert bench.paired([6.0], [6.5])['se'] is None
 
 
-def test_busy_machine_warns_over_the_worker_count():
+BURN = 'import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass'
+
+
+def test_other_work_counts_other_processes_not_the_benchmarks_own():
+    """A run's own process (waited for) is not other work; a process running beside it is."""
     bench = _benchmark()
-    assert 'load average' in bench.busy_machine(workers=-1)
-    assert bench.busy_machine(workers=10_000) is None
+    before = bench.own_cpu_s()
+    subprocess.run([sys.executable, '-c', BURN], check=True)
+    assert bench.own_cpu_s() - before >= 1.4  # Subtracted from the machine's busy time.
+    other = subprocess.Popen([sys.executable, '-c', BURN])
+    try:
+        beside = bench.OtherWork()
+        time.sleep(1.0)
+        assert beside.cores() > 0.4  # About 1 core on an idle machine.
+        assert 'other processes used' in beside.warning()
+    finally:
+        other.wait()
 
 
 def test_full_regime_reads_under_a_quarter_of_each_corpus():
