@@ -442,63 +442,99 @@ def apply_rule(agents: Sequence[Agent], theta: NDArray, probe_label_ids: Sequenc
 
 def stratified_probe(candidate_label_ids: Sequence[NDArray], agent_sizes: Sequence[int],
                      probe_size: int, rng: np.random.Generator) -> NDArray[np.int64]:
-    """Positions (into the candidates) of a probe set covering every label value it can.
+    """Positions (into the candidates) of a probe set that gives every label value an equal share.
 
-    One turn per (agent, value) pair, each taking a not yet chosen candidate of that value, so
-    every value of every agent present among the candidates is measured, including values
-    the selector currently avoids (exploration); the rest is filled uniformly. Candidates are
-    assumed to be a uniform random draw from the data.
+    Draws with exactly the :func:`inclusion_probabilities` of the design (systematic sampling
+    over the candidates in random order: ``probe_size`` distinct positions, each candidate
+    drawn with its probability), so every label value of every agent present among the
+    candidates gets ``probe_size / values`` probes in expectation (all of a value's candidates
+    when it has fewer), including values the selector currently avoids (exploration).
+    Candidates are assumed to be a uniform random draw from the data.
 
     Args:
         candidate_label_ids (Sequence[NDArray]): Each agent's label ids of the candidates.
         agent_sizes (Sequence[int]): Number of values of each agent.
         probe_size (int): Probes wanted (at most the number of candidates).
-        rng (np.random.Generator): Randomness for the order of turns and the fill.
+        rng (np.random.Generator): Randomness for the order and the start of the draw.
     """
-    n = len(candidate_label_ids[0])
-    probe_size = min(probe_size, n)
-    taken = np.zeros(n, bool)
-    # One round over the (agent, value) pairs present, in random order: each takes the first
-    # (random) candidate of its value not taken yet.
-    firsts: list[NDArray[np.int64]] = []
-    for ids, size in zip(candidate_label_ids, agent_sizes):
-        firsts += [np.flatnonzero(ids == k) for k in range(size)]
-    for q in rng.permutation(len(firsts)):
-        free = firsts[q][~taken[firsts[q]]]
-        if len(free) and taken.sum() < probe_size:
-            taken[free[0]] = True
-    rest = np.flatnonzero(~taken)
-    fill = rng.choice(rest, size=probe_size - int(taken.sum()), replace=False)
-    taken[fill] = True
-    return np.flatnonzero(taken).astype(np.int64)
+    pi = inclusion_probabilities(candidate_label_ids, agent_sizes, probe_size)
+    if not len(pi):
+        return np.zeros(0, np.int64)
+    order = rng.permutation(len(pi))
+    cum = np.cumsum(pi[order])
+    cum *= round(cum[-1]) / cum[-1]  # The design sums to a whole number of probes; no float drift.
+    points = rng.random() + np.arange(round(cum[-1]))
+    # Every candidate's interval has length pi <= 1, so it holds one point with chance pi.
+    return np.sort(order[np.searchsorted(cum, points, side='right')]).astype(np.int64)
 
 
 def inclusion_probabilities(candidate_label_ids: Sequence[NDArray], agent_sizes: Sequence[int],
                             probe_size: int) -> NDArray[np.float64]:
-    """Each candidate's chance of being drawn by :func:`stratified_probe` (to first order).
+    """Each candidate's chance of being drawn by :func:`stratified_probe`: the probe design.
 
-    A candidate of value ``k`` of agent ``a`` is the turn of its pair with chance ``q / n_{a,k}``
-    (``n_{a,k}`` the candidates of that value, ``q`` the share of pairs that get a turn before
-    the probe set is full), and otherwise may be drawn by the uniform fill; the turns of one
-    candidate's pairs are taken as independent. Its inverse weights a probe back to the data the
-    loader reads (:func:`predictiveness`).
+    Equal allocation: every agent's ``probe_size`` probes are shared equally among its values
+    present among the candidates (a value with fewer candidates than its share gives all of
+    them, the rest is shared among the others), so a value holding 5% of the data is measured
+    as often as one holding 50%: the console compares values, and a comparison is as precise
+    as its rarest side (why: docs/architecture.md "Probes"). One probe counts for every agent,
+    so the probabilities are raked (iterative proportional fitting) until each agent's values
+    get their shares, then scaled to sum to ``probe_size`` with none above 1. The draw uses
+    exactly these probabilities, so their inverse weights a probe back to the data the loader
+    reads (:func:`predictiveness`).
 
     Args:
         candidate_label_ids (Sequence[NDArray]): Each agent's label ids of the candidates.
         agent_sizes (Sequence[int]): Number of values of each agent.
         probe_size (int): Probes drawn.
     """
-    n = len(candidate_label_ids[0])
+    ids = [np.asarray(lab, np.int64) for lab in candidate_label_ids]
+    n = len(ids[0])
     if n == 0:
         return np.zeros(0)
-    probe_size = min(int(probe_size), n)
-    counts = [np.bincount(ids, minlength=size) for ids, size in zip(candidate_label_ids,
-                                                                      agent_sizes)]
-    pairs = sum(int((c > 0).sum()) for c in counts)
-    turns = min(pairs, probe_size)
-    share = turns / max(pairs, 1)
-    missed = np.ones(n)
-    for ids, c in zip(candidate_label_ids, counts):
-        missed *= 1.0 - share / c[np.asarray(ids, np.int64)]
-    fill = (probe_size - turns) / max(n - turns, 1)
-    return 1.0 - missed * (1.0 - fill)
+    m = min(int(probe_size), n)
+    counts = [np.bincount(lab, minlength=size) for lab, size in zip(ids, agent_sizes)]
+    shares = [_equal_shares(c, m) for c in counts]
+    pi = np.full(n, m / n)
+    for _ in range(_RAKING_ROUNDS):
+        for lab, share, size in zip(ids, shares, agent_sizes):
+            have = np.bincount(lab, weights=pi, minlength=size)
+            pi = np.minimum(pi * (share / np.where(have > 0, have, 1.0))[lab], 1.0)
+    return _capped_total(pi, m)
+
+
+#: Rounds of iterative proportional fitting behind the probe design (each agent's shares are
+#: met to well under a probe after a few; the draw is exact for whatever the design is).
+_RAKING_ROUNDS = 20
+
+
+def _equal_shares(counts: NDArray, total: int) -> NDArray[np.float64]:
+    """``total`` split equally over the values with candidates, none above its ``counts``."""
+    counts = np.asarray(counts, np.float64)
+    share, open_ = np.zeros(len(counts)), counts > 0
+    left = float(total)
+    while open_.any():
+        level = left / open_.sum()
+        full = open_ & (counts <= level)
+        if not full.any():
+            share[open_] = level
+            break
+        share[full] = counts[full]
+        left -= float(counts[full].sum())
+        open_ &= ~full
+    return share
+
+
+def _capped_total(pi: NDArray, total: int) -> NDArray[np.float64]:
+    """``min(c · pi, 1)`` summing to ``total`` (``c`` by bisection on ``log c``)."""
+    positive = pi > 0
+    if positive.sum() <= total:
+        return positive.astype(np.float64)
+    lo, hi = 0.0, float(np.log(1.0 / pi[positive].min()) - np.log(total / pi.sum()) + 1.0)
+    base = total / pi.sum()
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if np.minimum(base * np.exp(mid) * pi, 1.0).sum() < total:
+            lo = mid
+        else:
+            hi = mid
+    return np.minimum(base * np.exp(hi) * pi, 1.0)
