@@ -331,7 +331,10 @@ class Console:
         candidates, owners = candidates[order], owners[order]
         labels = self.dataset.label_ids(candidates)
         sizes = [agent.num_values for agent in self.dataset.agents]
-        chosen = stratified_probe(labels, sizes, cfg.probe_size, rng)
+        # Rank 0's draw for all: the design's probabilities are floating point, and a rank whose
+        # math library rounds differently must not measure a different probe set.
+        chosen = broadcast_object(stratified_probe(labels, sizes, cfg.probe_size, rng)
+                                  if rank_world()[0] == 0 else None)
         return candidates[chosen], owners[chosen]
 
     def reference_ids(self, version: int) -> NDArray[np.int64]:
