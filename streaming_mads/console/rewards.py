@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from streaming_mads.selection.agents import Agent
+from streaming_mads.selection.agents import Agent, normalize_clipped
 
 __all__ = [
     'REWARDS', 'RULES', 'TRANSFORMS', 'standardize', 'transform_rewards', 'reward_signal',
@@ -499,12 +499,15 @@ def inclusion_probabilities(candidate_label_ids: Sequence[NDArray], agent_sizes:
         for lab, share, size in zip(ids, shares, agent_sizes):
             have = np.bincount(lab, weights=pi, minlength=size)
             pi = np.minimum(pi * (share / np.where(have > 0, have, 1.0))[lab], 1.0)
-    return _capped_total(pi, m)
+    # Scaled to sum m, none above 1: mean 1 with cap n / m (the floor is only there to bound the
+    # search; no probability is near it).
+    return np.minimum(normalize_clipped(pi, _FLOOR, n / m) * (m / n), 1.0)
 
 
 #: Rounds of iterative proportional fitting behind the probe design (each agent's shares are
 #: met to well under a probe after a few; the draw is exact for whatever the design is).
 _RAKING_ROUNDS = 20
+_FLOOR = 1e-300
 
 
 def _equal_shares(counts: NDArray, total: int) -> NDArray[np.float64]:
@@ -522,19 +525,3 @@ def _equal_shares(counts: NDArray, total: int) -> NDArray[np.float64]:
         left -= float(counts[full].sum())
         open_ &= ~full
     return share
-
-
-def _capped_total(pi: NDArray, total: int) -> NDArray[np.float64]:
-    """``min(c · pi, 1)`` summing to ``total`` (``c`` by bisection on ``log c``)."""
-    positive = pi > 0
-    if positive.sum() <= total:
-        return positive.astype(np.float64)
-    lo, hi = 0.0, float(np.log(1.0 / pi[positive].min()) - np.log(total / pi.sum()) + 1.0)
-    base = total / pi.sum()
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if np.minimum(base * np.exp(mid) * pi, 1.0).sum() < total:
-            lo = mid
-        else:
-            hi = mid
-    return np.minimum(base * np.exp(hi) * pi, 1.0)
