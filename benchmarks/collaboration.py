@@ -16,7 +16,7 @@ target's definition carry nothing. Three worlds:
 Each run is ``--updates`` console updates at the demo's settings (``yamls/quickstart-cpu.yaml``:
 pools of 64 keeping 16 at temperature 0.25, 48 probes stratified from the 960 candidates a window
 of 30 batches logs, ``lr_memory`` 1). Every step is the project's own code: the probe draw
-(``stratified_probe``), the rule (``apply_rule``: memories, θ, gates, evidence), the score tables
+(``inclusion_probabilities``, ``systematic_sample``), the rule (``apply_rule``: memories, θ, gates, evidence), the score tables
 of the published weights (``version_tables``) and the selection (``simulate_keep``, pools through
 ``gumbel_topk``). The repeat penalty is off: the corpus is large beside what a run keeps. After
 each update the new version selects from fresh candidates; the *kept share of the target* is
@@ -56,7 +56,7 @@ from streaming import MDSWriter
 
 from streaming_mads.console.config import ConsoleConfig
 from streaming_mads.console.rewards import (RULES, Evidence, apply_rule,
-                                            inclusion_probabilities, stratified_probe)
+                                            inclusion_probabilities, systematic_sample)
 from streaming_mads.labels import LabelStore, StreamLabels, categorical, score, write_labels
 from streaming_mads.selection.agents import build_agents
 from streaming_mads.selection.board import Weights
@@ -124,8 +124,9 @@ def run_arm(world: World, agents_used: Sequence[str], config: ConsoleConfig, tar
         published = Weights(version - 1, theta, tuple(a.memory.copy() for a in agents))
         candidates = rng.choice(world.size, WINDOW, replace=False)
         labels = gather_label_ids(world.store, agents, candidates)
-        chosen = stratified_probe(labels, sizes, config.probe_size, rng)
-        weights = 1.0 / inclusion_probabilities(labels, sizes, config.probe_size)[chosen]
+        pi = inclusion_probabilities(labels, sizes, config.probe_size)
+        chosen = systematic_sample(pi, rng)
+        weights = 1.0 / pi[chosen]
         probes = candidates[chosen]
         rewards = probe_influence(target[probes], noise, rng, reward)
         update = apply_rule(agents, theta, [lab[chosen] for lab in labels], rewards, config,

@@ -65,8 +65,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from streaming_mads.run.demo import (costs_to_reach, prepare_data, quiet, run_process_init, train_run,
-                                 train_wall)
+from streaming_mads.run.demo import (costs_to_reach, prepare_data, process_cpu_s, quiet,
+                                     run_process_init, train_run, train_wall)
 from streaming_mads.run.config import apply_overrides, load_config
 
 QUALITY_FINE = [0.5 * i for i in range(1, 10)]  # 10 bins over 0-5
@@ -328,34 +328,31 @@ def machine_cpu_s() -> Optional[float]:
     return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf('SC_CLK_TCK')
 
 
-def own_cpu_s() -> float:
-    """CPU seconds of this process and of its finished runs (each run's process, its DataLoader
-    workers included, is waited for, so its time is counted here)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 class OtherWork:
     """Whether processes other than the benchmark's used the CPU during a span: the machine's
     busy CPU time minus the benchmark's own, per second of wall time. A load average cannot
     tell: the benchmark's own trainer threads and DataLoader worker put it above the core count
-    on an idle machine."""
+    on an idle machine. The benchmark's own: this process and the children it waited for, plus
+    what its runs report (``elsewhere_s``): a run's process comes from a fork server, so no
+    wait of this process collects its time."""
 
     def __init__(self) -> None:
-        self.start = (machine_cpu_s(), own_cpu_s(), time.perf_counter())
+        self.start = (machine_cpu_s(), process_cpu_s(), time.perf_counter())
 
-    def cores(self) -> Optional[float]:
+    def cores(self, elsewhere_s: float = 0.0) -> Optional[float]:
         """Cores' worth of CPU other processes used since the span began (``None`` without
-        ``/proc/stat``)."""
+        ``/proc/stat``); ``elsewhere_s``: CPU seconds the benchmark's own runs used in processes
+        that are not its children (each run's ``cpu_s``)."""
         machine0, own0, t0 = self.start
         machine1, wall = machine_cpu_s(), time.perf_counter() - t0
         if machine0 is None or machine1 is None or wall <= 0:
             return None
-        return max(machine1 - machine0 - (own_cpu_s() - own0), 0.0) / wall
+        own = process_cpu_s() - own0 + elsewhere_s
+        return max(machine1 - machine0 - own, 0.0) / wall
 
-    def warning(self) -> Optional[str]:
+    def warning(self, elsewhere_s: float = 0.0) -> Optional[str]:
         """A warning when others used more than :data:`OTHER_CPU` cores on average."""
-        other = self.cores()
+        other = self.cores(elsewhere_s)
         if other is None or other <= OTHER_CPU:
             return None
         return (f'other processes used {other:.2f} of {os.cpu_count()} cores during a run: wall '
@@ -678,7 +675,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                   'save_num_checkpoints_to_keep=1']
             t0, span = time.perf_counter(), OtherWork()
             res = isolated_run(yaml_name, paths, run_overrides)
-            busy += [w for w in [span.warning()] if w]
+            busy += [w for w in [span.warning(res.get('cpu_s', 0.0))] if w]
             runs[arm].append(res)
             with open(partial, 'w') as f:  # A crash later loses nothing (--resume).
                 json.dump(runs, f)

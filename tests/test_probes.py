@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from streaming_mads import MADSDataset, categorical, score, write_labels
 from streaming_mads.selection.board import WeightBoard
 from streaming_mads.console import Console, ConsoleConfig
+from streaming_mads.console.rewards import inclusion_probabilities
 from streaming_mads.selection.pools import log_positions
 
 SIZES = (600_000, 300_000, 100_000)  # Unequal streams, written one after another.
@@ -61,6 +62,16 @@ def test_probes_follow_the_loader_over_streams_and_ids(million):
             while (v := console.due(done)) is not None:
                 ids, owners = console.draw_probe(v)
                 assert len(ids) == 16 and np.all(owners == 0)
+                # The regression's weights are the draw's own design, probe by probe.
+                if v % 50 == 1:
+                    window = console._window
+                    sizes = [a.num_values for a in ds.agents]
+                    pi = inclusion_probabilities(ds.label_ids(window), sizes, 16)
+                    where = {int(i): k for k, i in enumerate(window)}
+                    np.testing.assert_allclose(console.probe_weights(ids),
+                                               1.0 / pi[[where[int(i)] for i in ids]], rtol=1e-9)
+                    with pytest.raises(RuntimeError, match='last draw_probe'):
+                        console.probe_weights(ids[:-1])
                 probes.append(ids)
                 console.publish(v)
                 versions += 1

@@ -23,7 +23,7 @@ from streaming_mads.console.config import ConsoleConfig
 from streaming_mads.console.history import weights_record
 from streaming_mads.console.metrics import metric_token, weight_metrics
 from streaming_mads.console.rewards import (Evidence, Update, apply_rule, inclusion_probabilities,
-                                            reward_signal, stratified_probe)
+                                            reward_signal, systematic_sample)
 from streaming_mads.distributed import all_gather_object, broadcast_object, rank_world
 from streaming_mads.influence import PerSampleLoss, compute_influence, reference_gradient
 from streaming_mads.influence.preconditioning import adam_preconditioned
@@ -78,6 +78,8 @@ class Console:
         self._saved_log: dict[int, NDArray[np.int64]] = {}
         self._probe_candidates = 0
         self._window: NDArray[np.int64] = np.empty(0, np.int64)
+        # Rank 0: the inclusion probability of each probe of the last draw, in probe order.
+        self._probe_pi: NDArray[np.float64] = np.empty(0)
         self.kept: list[NDArray[np.float64]] = []
         #: The :meth:`weights_record` of the last :meth:`metrics` (the weight history's entry).
         self.last_record: Optional[dict[str, Any]] = None
@@ -324,17 +326,23 @@ class Console:
         candidates = np.concatenate(parts).astype(np.int64)
         self._probe_candidates = len(candidates)
         self._window = candidates
+        self._probe_pi = np.empty(0)
         if not len(candidates):
             return candidates, owners
         rng = np.random.default_rng((cfg.seed, version))
         order = rng.permutation(len(candidates))
         candidates, owners = candidates[order], owners[order]
-        labels = self.dataset.label_ids(candidates)
-        sizes = [agent.num_values for agent in self.dataset.agents]
+        chosen = None
         # Rank 0's draw for all: the design's probabilities are floating point, and a rank whose
-        # math library rounds differently must not measure a different probe set.
-        chosen = broadcast_object(stratified_probe(labels, sizes, cfg.probe_size, rng)
-                                  if rank_world()[0] == 0 else None)
+        # math library rounds differently must not measure a different probe set. Rank 0 keeps
+        # the probes' probabilities for the regression's weights (:meth:`probe_weights`).
+        if rank_world()[0] == 0:
+            pi = inclusion_probabilities(self.dataset.label_ids(candidates),
+                                         [agent.num_values for agent in self.dataset.agents],
+                                         cfg.probe_size)
+            chosen = systematic_sample(pi, rng)
+            self._probe_pi = pi[chosen]
+        chosen = broadcast_object(chosen)
         return candidates[chosen], owners[chosen]
 
     def reference_ids(self, version: int) -> NDArray[np.int64]:
@@ -443,16 +451,14 @@ class Console:
         return [a.score_table(m) for a, m in zip(self.dataset.agents, memories)]
 
     def probe_weights(self, probe_ids: NDArray[np.int64]) -> NDArray[np.float64]:
-        """Inverse inclusion probability of each probe among the window's candidates (the
-        stratified draw over-represents rare values; :func:`inclusion_probabilities`)."""
-        assert self.dataset is not None
-        if not len(probe_ids) or not len(self._window):
-            return np.ones(len(probe_ids))
-        agents = self.dataset.agents
-        pi = inclusion_probabilities(self.dataset.label_ids(self._window),
-                                     [a.num_values for a in agents], self.config.probe_size)
-        lookup = dict(zip(self._window.tolist(), pi.tolist()))
-        return 1.0 / np.maximum([lookup[int(i)] for i in probe_ids], 1e-12)
+        """Inverse inclusion probability of each probe of the last draw, on rank 0 (the design
+        over-represents rare values; :func:`inclusion_probabilities`), as :meth:`draw_probe`
+        computed it for the draw."""
+        if len(self._probe_pi) != len(probe_ids):
+            raise RuntimeError(f'{len(probe_ids)} probes but {len(self._probe_pi)} inclusion '
+                               'probabilities: probe_weights needs the probe set of the last '
+                               'draw_probe, on rank 0.')
+        return 1.0 / np.maximum(self._probe_pi, 1e-12)
 
     def _trim(self) -> None:
         """Forget restored probe-log entries the next update no longer needs."""

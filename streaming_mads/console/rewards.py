@@ -44,7 +44,8 @@ from streaming_mads.selection.agents import Agent, normalize_clipped
 __all__ = [
     'REWARDS', 'RULES', 'TRANSFORMS', 'standardize', 'transform_rewards', 'reward_signal',
     'one_hot', 'value_effects', 'predictiveness', 'update_theta', 'Update', 'update_weights',
-    'Evidence', 'evidence_effects', 'apply_rule', 'stratified_probe', 'inclusion_probabilities'
+    'Evidence', 'evidence_effects', 'apply_rule', 'stratified_probe', 'systematic_sample',
+    'inclusion_probabilities'
 ]
 
 #: Reward kinds: the raw influence ``⟨∇ℓ(x), ∇L_R⟩``, its cosine (divided by ``|∇ℓ(x)|``), or
@@ -457,15 +458,28 @@ def stratified_probe(candidate_label_ids: Sequence[NDArray], agent_sizes: Sequen
         probe_size (int): Probes wanted (at most the number of candidates).
         rng (np.random.Generator): Randomness for the order and the start of the draw.
     """
-    pi = inclusion_probabilities(candidate_label_ids, agent_sizes, probe_size)
+    return systematic_sample(inclusion_probabilities(candidate_label_ids, agent_sizes, probe_size),
+                             rng)
+
+
+def systematic_sample(pi: NDArray[np.float64], rng: np.random.Generator) -> NDArray[np.int64]:
+    """Sorted positions drawn with exactly the probabilities ``pi`` (each at most 1, summing to a
+    whole number): systematic sampling over the positions in random order, so the draw holds
+    exactly ``sum(pi)`` distinct positions.
+
+    Args:
+        pi (NDArray): Each position's inclusion probability (:func:`inclusion_probabilities`).
+        rng (np.random.Generator): Randomness for the order and the start of the draw.
+    """
     if not len(pi):
         return np.zeros(0, np.int64)
     order = rng.permutation(len(pi))
     cum = np.cumsum(pi[order])
     cum *= round(cum[-1]) / cum[-1]  # The design sums to a whole number of probes; no float drift.
     points = rng.random() + np.arange(round(cum[-1]))
-    # Every candidate's interval has length pi <= 1, so it holds one point with chance pi.
-    return np.sort(order[np.searchsorted(cum, points, side='right')]).astype(np.int64)
+    # Every candidate's interval has length pi <= 1, so it holds one point with chance pi
+    # (unique: an interval that rounding stretched past 1 must not yield its candidate twice).
+    return np.unique(order[np.searchsorted(cum, points, side='right')]).astype(np.int64)
 
 
 def inclusion_probabilities(candidate_label_ids: Sequence[NDArray], agent_sizes: Sequence[int],

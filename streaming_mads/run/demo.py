@@ -34,7 +34,7 @@ from streaming_mads.console.config import ConsoleConfig
 from streaming_mads.console.history import HISTORY_FILE
 
 __all__ = ['run_demo', 'steps_to_reach', 'costs_to_reach', 'train_wall', 'prepare_data',
-           'train_run', 'quiet', 'run_process_init', 'TrainClock']
+           'train_run', 'quiet', 'run_process_init', 'TrainClock', 'process_cpu_s']
 
 
 
@@ -189,6 +189,13 @@ def _series(mem: Any, key: str) -> tuple[list[int], list[float]]:
     return [int(ts.batch.value) for ts, _ in pairs], [float(v) for _, v in pairs]
 
 
+def process_cpu_s() -> float:
+    """CPU seconds of this process and of the children it has waited for (finished DataLoader
+    workers): what a run used, for a benchmark that must tell its own load from others'."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str],
               history: Optional[str] = None) -> dict[str, Any]:
     """Train one shipped YAML on prepared demo data; its evaluation curves and MADS metrics.
@@ -216,14 +223,15 @@ def train_run(yaml_name: str, paths: dict[str, Any], overrides: Sequence[str],
     mem = InMemoryLogger()
     clock = TrainClock()
     trainer = build_trainer(cfg, extra_loggers=[mem], extra_callbacks=[clock])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), process_cpu_s()
     trainer.fit()
     wall = time.perf_counter() - start
     tokens = int(trainer.state.timestamp.token.value)
     batches = int(trainer.state.timestamp.batch.value)
     trainer.close()
     result: dict[str, Any] = {'run': cfg.get('run_name'), 'wall_s': wall, 'tokens': tokens,
-                              'batches': batches, 'eval': {}, 'mads': {}, 'clock': clock.times}
+                              'batches': batches, 'eval': {}, 'mads': {}, 'clock': clock.times,
+                              'cpu_s': process_cpu_s() - cpu}
     algos = cfg.get('algorithms') or {}
     per_sample = tokens / max(batches, 1) / cfg['global_train_batch_size']
     if algos.get('mads_console'):
