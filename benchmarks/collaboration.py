@@ -16,12 +16,13 @@ target's definition carry nothing. Three worlds:
 Each run is ``--updates`` console updates at the demo's settings (``yamls/quickstart-cpu.yaml``:
 pools of 64 keeping 16 at temperature 0.25, 48 probes stratified from the 960 candidates a window
 of 30 batches logs, ``lr_memory`` 1). Every step is the project's own code: the probe draw
-(``inclusion_probabilities``, ``systematic_sample``), the rule (``apply_rule``: memories, θ, gates, evidence), the score tables
-of the published weights (``version_tables``) and the selection (``simulate_keep``, pools through
-``gumbel_topk``). The repeat penalty is off: the corpus is large beside what a run keeps. After
-each update the new version selects from fresh candidates; the *kept share of the target* is
-over the run's kept samples. Arms: each agent alone, θ frozen (the paper's rule at
-``lr_theta`` 0), and all four agents under each rule (``mads-paper``, ``mads-evidence``).
+(``inclusion_probabilities``, ``systematic_sample``), the rule (``apply_rule``: memories, θ,
+gates, evidence), the score tables of the published weights (``version_tables``) and the
+selection (``simulate_keep``, pools through ``gumbel_topk``). The repeat penalty is off: the
+corpus is large beside what a run keeps. After each update the new version selects from fresh
+candidates; the *kept share of the target* is over the run's kept samples. Arms: each agent
+alone, θ frozen (the paper's rule at ``lr_theta`` 0), and all four agents under each rule
+(``mads-paper``, ``mads-evidence``).
 
 ``--tails`` adds world ``a`` with heavy-tailed influence: each probe's influence is its reward
 times a gradient norm (log-normal; one probe in 20 "garbled", 30 times larger), compared for the
